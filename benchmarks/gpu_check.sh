@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a lent GPU box (torch >= 2.11, no DALI/FFCV there unless
+# carried). Budget: under 8 minutes on one H200. Usage: bash benchmarks/gpu_check.sh [OUTDIR]
+# Each section runs independently; a failing section is reported and the rest still run.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+section() {  # section NAME CMD...: run one check, log it, remember failures
+  local name=$1; shift
+  echo "=== $name"
+  if ! timeout 300 "$@" 2>&1 | tee "$OUT/$name.log"; then echo "!!! $name failed"; status=1; fi
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+
+# --- sections (one per feature; keep each short) ---
+
+exit $status

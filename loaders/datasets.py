@@ -1,0 +1,420 @@
+"""Data sources, ingested once into a cache that every loader builds its own format from.
+
+Sources (`--data`):
+- `synthetic` (default): a deterministic built-in 10-class dataset of 32x32 colour images
+  (shapes and textures with random colour, scale, position, rotation and background
+  clutter), written on first use as JPEG files so the real decode path runs.
+- `imagefolder:PATH`: PATH/train and PATH/val (or PATH/test), one folder per class.
+- `cifar10:PATH`: the standard python pickle batches (PATH or PATH/cifar-10-batches-py).
+
+The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds `manifest.json`: the
+source's fingerprint, the classes, and per split the image paths, labels and sizes. It is
+rebuilt only when the fingerprint changes and always written atomically. Loaders read
+`Split.paths`/`Split.labels` (DALI's file reader, the FFCV .beton writer) or
+`decoded(split)` (one uint8 NHWC array, cached as .npy, for the device-resident loader).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from loaders.fsutil import ConfigError, atomic_path, atomic_write
+
+MANIFEST_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+SYNTHETIC_CLASSES = ("disc", "square", "triangle", "ring", "cross",
+                     "stripes", "checker", "dots", "frame", "crescent")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    train_per_class: int = 600
+    val_per_class: int = 100
+    size: int = 32
+    seed: int = 0
+    version: str = "shapes-v1"   # bump when the generator's output changes
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    paths: tuple[str, ...]            # absolute paths of decodable RGB JPEG/PNG files
+    labels: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]  # (height, width) of each image
+    cache_dir: Path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    source: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    cache_dir: Path
+    fingerprint: str
+    skipped: tuple[str, ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------- public API
+
+def load_dataset(source: str, cache_root: str | os.PathLike = ".cache",
+                 synthetic: SyntheticConfig = SyntheticConfig()) -> Dataset:
+    """Parse `source`, ingest it into the cache if needed, and return the cached dataset."""
+    kind, _, arg = source.partition(":")
+    if kind == "synthetic":
+        if arg:
+            raise ConfigError(f"--data synthetic takes no path (got {source!r}); use --data synthetic")
+        fingerprint = _hash(repr(synthetic))
+        cache_dir = Path(cache_root) / f"synthetic-{fingerprint[:10]}"
+        return _cached(source, cache_dir, fingerprint, lambda d: _build_synthetic(d, synthetic))
+    if kind in ("imagefolder", "cifar10"):
+        if not arg:
+            raise ConfigError(f"--data {kind} needs a path: --data {kind}:PATH")
+        root = Path(arg).expanduser().resolve()
+        if not root.is_dir():
+            raise ConfigError(f"--data {source}: {root} is not a directory; pass an existing folder")
+        if kind == "imagefolder":
+            fingerprint = _imagefolder_fingerprint(root)
+            build = lambda d: _build_imagefolder(d, root)  # noqa: E731
+        else:
+            root = _cifar_root(root)
+            fingerprint = _files_fingerprint(sorted(root.glob("*_batch*")))
+            build = lambda d: _build_cifar10(d, root)  # noqa: E731
+        cache_dir = Path(cache_root) / f"{kind}-{_hash(str(root))[:10]}"
+        return _cached(source, cache_dir, fingerprint, build)
+    raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH or cifar10:PATH")
+
+
+def decoded(split: Split, size: int | None = None) -> np.ndarray:
+    """The split as one uint8 array (N, H, W, 3), decoded once and cached as .npy.
+
+    Images keep their native size when they all share it and `size` is None; otherwise
+    each is resized (bilinear, antialiased) to size x size."""
+    sizes = set(split.sizes)
+    if size is None:
+        if len(sizes) != 1:
+            raise ConfigError(f"{split.name} images have {len(sizes)} different sizes; "
+                              "pass a size to decode them at one resolution")
+        h, w = sizes.pop()
+    else:
+        h = w = size
+    out = split.cache_dir / f"{split.name}-decoded-{h}x{w}.npy"
+    key = _hash("\n".join(split.paths))[:12]
+    meta = out.with_suffix(".key")
+    if out.exists() and meta.exists() and meta.read_text() == key:
+        return np.load(out, mmap_mode="r")
+    arr = np.empty((len(split), h, w, 3), np.uint8)
+    for i, p in enumerate(split.paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            arr[i] = np.asarray(im)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic_write(meta, key)
+    return np.load(out, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:
+    manifest_path = cache_dir / "manifest.json"
+    m = None
+    if manifest_path.exists():
+        try:
+            m = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            m = None
+    if not m or m.get("fingerprint") != fingerprint or m.get("version") != MANIFEST_VERSION:
+        # Rebuild from scratch: stale files from an older source must not leak in.
+        files_dir = cache_dir / "files"
+        if files_dir.exists():
+            shutil.rmtree(files_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        m = build(cache_dir)
+        m.update(version=MANIFEST_VERSION, fingerprint=fingerprint, source=source)
+        atomic_write(manifest_path, json.dumps(m))
+    return _from_manifest(m, cache_dir)
+
+
+def _from_manifest(m: dict, cache_dir: Path) -> Dataset:
+    splits = {}
+    for name in ("train", "val"):
+        s = m["splits"][name]
+        paths = tuple(str((cache_dir / p) if not os.path.isabs(p) else p) for p in s["paths"])
+        splits[name] = Split(name, paths, tuple(s["labels"]), tuple(map(tuple, s["sizes"])), cache_dir)
+    return Dataset(m["source"], tuple(m["classes"]), splits["train"], splits["val"], cache_dir,
+                   m["fingerprint"], tuple(m.get("skipped", ())))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _files_fingerprint(files) -> str:
+    rows = []
+    for f in files:
+        st = f.stat()
+        rows.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
+    return _hash("\n".join(rows))
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+def _split_dirs(root: Path) -> tuple[Path, Path]:
+    train = root / "train"
+    val = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if not train.is_dir() or val is None:
+        raise ConfigError(f"imagefolder {root} needs train/ and val/ (or test/) subfolders, "
+                          "each with one folder per class")
+    return train, val
+
+
+def _list_images(split_dir: Path) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"{split_dir} has no class folders; put images in {split_dir}/<class>/")
+    out = {}
+    for c in classes:
+        files = sorted(p for p in (split_dir / c).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        out[c] = files
+    return out
+
+
+def _imagefolder_fingerprint(root: Path) -> str:
+    train, val = _split_dirs(root)
+    files = [f for d in (train, val) for fs in _list_images(d).values() for f in fs]
+    return _files_fingerprint(files)
+
+
+def _build_imagefolder(cache_dir: Path, root: Path) -> dict:
+    train_dir, val_dir = _split_dirs(root)
+    listed = {"train": _list_images(train_dir), "val": _list_images(val_dir)}
+    classes = list(listed["train"])
+    if list(listed["val"]) != classes:
+        only_train = sorted(set(classes) - set(listed["val"]))
+        only_val = sorted(set(listed["val"]) - set(classes))
+        raise ConfigError(f"class folders differ between {train_dir} and {val_dir}: only in train "
+                          f"{only_train}, only in val {only_val}; make both hold the same class folders")
+    for name, per_class in listed.items():
+        empty = [c for c, fs in per_class.items() if not fs]
+        if empty:
+            raise ConfigError(f"empty class folder(s) {empty} in {root / ('train' if name == 'train' else val_dir.name)}; "
+                              "add images or remove the folder from both splits")
+    splits, skipped = {}, []
+    files_dir = cache_dir / "files"
+    for name, per_class in listed.items():
+        paths, labels, sizes = [], [], []
+        for label, c in enumerate(classes):
+            for f in per_class[c]:
+                ok = _ingest_image(f, files_dir / name / c)
+                if ok is None:
+                    skipped.append(str(f))
+                    continue
+                path, hw = ok
+                paths.append(str(path))
+                labels.append(label)
+                sizes.append(hw)
+        splits[name] = {"paths": paths, "labels": labels, "sizes": sizes}
+    return {"classes": classes, "splits": splits, "skipped": skipped}
+
+
+def _ingest_image(path: Path, convert_dir: Path):
+    """Return (path a loader can read, (h, w)), or None for a file that is not an image.
+
+    Plain 8-bit RGB JPEG/PNG files are used in place; any other decodable image
+    (grayscale, RGBA, palette, 16-bit, other formats) is converted once to RGB PNG."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            fmt, mode = im.format, im.mode
+            if fmt in ("JPEG", "PNG") and mode == "RGB":
+                return path, (im.height, im.width)
+            rgb = _to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    convert_dir.mkdir(parents=True, exist_ok=True)
+    out = convert_dir / (path.stem + "-" + _hash(str(path))[:8] + ".png")
+    with atomic_path(out) as tmp:
+        rgb.save(tmp, format="PNG")
+    return out, (rgb.height, rgb.width)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a / max(a.max(), 1) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (0, 0, 0))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- cifar10 pickles
+
+def _cifar_root(root: Path) -> Path:
+    for cand in (root, root / "cifar-10-batches-py"):
+        if (cand / "data_batch_1").exists() and (cand / "test_batch").exists():
+            return cand
+    raise ConfigError(f"cifar10:{root} has no data_batch_1..5 and test_batch; pass the folder "
+                      "holding the python pickle batches (cifar-10-batches-py)")
+
+
+def _build_cifar10(cache_dir: Path, root: Path) -> dict:
+    meta = root / "batches.meta"
+    if meta.exists():
+        with open(meta, "rb") as f:
+            classes = [c.decode() if isinstance(c, bytes) else c
+                       for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+    else:
+        classes = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+    batches = {"train": sorted(root.glob("data_batch_*")), "val": [root / "test_batch"]}
+    splits = {}
+    for name, files in batches.items():
+        paths, labels = [], []
+        out_dir = cache_dir / "files" / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for bf in files:
+            with open(bf, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            for img, label in zip(data, d[b"labels"]):
+                p = out_dir / f"{len(paths):06d}.png"
+                Image.fromarray(img).save(p, format="PNG", compress_level=1)
+                paths.append(os.path.relpath(p, cache_dir))
+                labels.append(int(label))
+        splits[name] = {"paths": paths, "labels": labels, "sizes": [[32, 32]] * len(paths)}
+    return {"classes": classes, "splits": splits, "skipped": []}
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def _build_synthetic(cache_dir: Path, cfg: SyntheticConfig) -> dict:
+    splits = {}
+    for si, (name, per_class) in enumerate((("train", cfg.train_per_class), ("val", cfg.val_per_class))):
+        paths, labels = [], []
+        for label, cls in enumerate(SYNTHETIC_CLASSES):
+            out_dir = cache_dir / "files" / name / cls
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                rng = np.random.default_rng([cfg.seed, si, label, i])
+                img = render_synthetic(label, rng, cfg.size)
+                p = out_dir / f"{i:05d}.jpg"
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=92)
+                p.write_bytes(buf.getvalue())
+                paths.append(os.path.relpath(p, cache_dir))
+                labels.append(label)
+        splits[name] = {"paths": paths, "labels": labels, "sizes": [[cfg.size, cfg.size]] * len(paths)}
+    return {"classes": list(SYNTHETIC_CLASSES), "splits": splits, "skipped": []}
+
+
+def _colour(rng, avoid=None):
+    """A random RGB colour; when `avoid` is given, one whose luminance differs by >= 60."""
+    while True:
+        c = tuple(int(v) for v in rng.integers(0, 256, 3))
+        lum = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+        if avoid is None or abs(lum - avoid) >= 60:
+            return c, lum
+
+
+def render_synthetic(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """One image of class `label`: drawn at 4x then downsampled (antialiased edges)."""
+    S = size * 4
+    bg, bg_lum = _colour(rng)
+    bg2, _ = _colour(rng)
+    # Background: a linear gradient between two colours, plus clutter lines and blobs.
+    t = np.linspace(0, 1, S)[:, None, None]
+    if rng.random() < 0.5:
+        t = t.transpose(1, 0, 2)
+    grad = (np.asarray(bg) * (1 - 0.5 * t) + np.asarray(bg2) * 0.5 * t).astype(np.uint8)
+    img = Image.fromarray(np.broadcast_to(grad, (S, S, 3)).copy())
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        c, _ = _colour(rng)
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, S, 4))
+        d.line((x0, y0, x1, y1), fill=c, width=int(rng.integers(1, 4)))
+    fg, _ = _colour(rng, avoid=bg_lum)
+    fg2, _ = _colour(rng, avoid=bg_lum)
+    scale = rng.uniform(0.45, 0.8) * S / 2          # half-extent of the object
+    cx, cy = (rng.uniform(scale * 0.8, S - scale * 0.8) for _ in range(2))
+    angle = rng.uniform(0, 2 * math.pi)
+
+    def pts(poly):  # rotate + place a polygon given in unit coordinates
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + scale * (x * ca - y * sa), cy + scale * (x * sa + y * ca)) for x, y in poly]
+
+    box = (cx - scale, cy - scale, cx + scale, cy + scale)
+    w = max(2, int(scale * 0.3))
+    name = SYNTHETIC_CLASSES[label]
+    if name == "disc":
+        d.ellipse(box, fill=fg)
+    elif name == "square":
+        d.polygon(pts([(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)]), fill=fg)
+    elif name == "triangle":
+        d.polygon(pts([(0, -1), (.9, .7), (-.9, .7)]), fill=fg)
+    elif name == "ring":
+        d.ellipse(box, outline=fg, width=w)
+    elif name == "cross":
+        d.polygon(pts([(-.25, -1), (.25, -1), (.25, 1), (-.25, 1)]), fill=fg)
+        d.polygon(pts([(-1, -.25), (1, -.25), (1, .25), (-1, .25)]), fill=fg)
+    elif name == "frame":
+        d.polygon(pts([(-.85, -.85), (.85, -.85), (.85, .85), (-.85, .85)]), outline=fg, width=w)
+    elif name == "crescent":
+        d.ellipse(box, fill=fg)
+        off = 0.45 * scale
+        d.ellipse((box[0] + off * math.cos(angle), box[1] + off * math.sin(angle),
+                   box[2] + off * math.cos(angle), box[3] + off * math.sin(angle)), fill=bg)
+    else:  # textures fill a rotated square patch
+        patch = Image.new("RGB", (S, S), fg2)
+        pd = ImageDraw.Draw(patch)
+        period = max(8, int(scale * rng.uniform(0.35, 0.55)))
+        if name == "stripes":
+            for k in range(0, S, period):
+                pd.rectangle((k, 0, k + period // 2, S), fill=fg)
+        elif name == "checker":
+            for yy in range(0, S, period):
+                for xx in range(0, S, period):
+                    if (xx // period + yy // period) % 2 == 0:
+                        pd.rectangle((xx, yy, xx + period - 1, yy + period - 1), fill=fg)
+        else:  # dots
+            r = max(2, period // 4)
+            for yy in range(period // 2, S, period):
+                for xx in range(period // 2, S, period):
+                    pd.ellipse((xx - r, yy - r, xx + r, yy + r), fill=fg)
+        patch = patch.rotate(math.degrees(angle), resample=Image.BILINEAR)
+        mask = Image.new("L", (S, S), 0)
+        ImageDraw.Draw(mask).polygon(pts([(-.9, -.9), (.9, -.9), (.9, .9), (-.9, .9)]), fill=255)
+        img.paste(patch, (0, 0), mask)
+    img = img.resize((size, size), Image.LANCZOS)
+    noise = rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(img, np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+def class_counts(split: Split) -> Counter:
+    return Counter(split.labels)

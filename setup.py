@@ -1,0 +1,26 @@
+"""Install metadata. Pins live here: the torch pair is capped by this machine's pip
+(CUDA build from local disk); DALI and FFCV are extras so a GPU box without them
+can still `pip install -e .` and use the torchvision/resident loaders."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fasttrain",
+    version="0.1.0",
+    description="High-throughput data loading + compiled training for small image classifiers",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
+                                    "loaders", "loaders.*", "benchmarks", "benchmarks.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)
