@@ -43,7 +43,7 @@ class SyntheticConfig:
     val_per_class: int = 100
     size: int = 32
     seed: int = 0
-    version: str = "shapes-v1"   # bump when the generator's output changes
+    version: str = "shapes-v2"   # bump when the generator's output changes
 
 
 @dataclass(frozen=True)
@@ -359,8 +359,8 @@ def render_synthetic(label: int, rng: np.random.Generator, size: int = 32) -> Im
         c, _ = _colour(rng)
         x0, y0, x1, y1 = (int(v) for v in rng.integers(0, S, 4))
         d.line((x0, y0, x1, y1), fill=c, width=int(rng.integers(1, 4)))
-    fg, _ = _colour(rng, avoid=bg_lum)
-    fg2, _ = _colour(rng, avoid=bg_lum)
+    fg, fg_lum = _colour(rng, avoid=bg_lum)
+    fg2, _ = _colour(rng, avoid=fg_lum)   # texture contrast: stripes never vanish
     scale = rng.uniform(0.45, 0.8) * S / 2          # half-extent of the object
     cx, cy = (rng.uniform(scale * 0.8, S - scale * 0.8) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
@@ -407,7 +407,7 @@ def render_synthetic(label: int, rng: np.random.Generator, size: int = 32) -> Im
             for yy in range(period // 2, S, period):
                 for xx in range(period // 2, S, period):
                     pd.ellipse((xx - r, yy - r, xx + r, yy + r), fill=fg)
-        patch = patch.rotate(math.degrees(angle), resample=Image.BILINEAR)
+        patch = patch.rotate(math.degrees(angle), resample=Image.BILINEAR, fillcolor=fg2)
         mask = Image.new("L", (S, S), 0)
         ImageDraw.Draw(mask).polygon(pts([(-.9, -.9), (.9, -.9), (.9, .9), (-.9, .9)]), fill=255)
         img.paste(patch, (0, 0), mask)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny datasets made inside the tests, and the real CIFAR-10 JPEGs from
+../shared/datasets when present (tests that need them skip with a reason otherwise)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory):
+    """A 10-class synthetic dataset, 16 train + 4 val images per class, cached in a tmp dir."""
+    from loaders.datasets import SyntheticConfig, load_dataset
+    cache = tmp_path_factory.mktemp("cache")
+    return load_dataset("synthetic", cache, SyntheticConfig(train_per_class=16, val_per_class=4))
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_dir(tmp_path_factory):
+    """../shared/datasets CIFAR-10 JPEGs unpacked once per session (ImageFolder layout)."""
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"real data absent: {SHARED_CIFAR} not found (../shared is not beside this checkout)")
+    out = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(SHARED_CIFAR) as t:
+        t.extractall(out, filter="data")
+    return out
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `python -m ...` in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=e)
