@@ -1,7 +1,7 @@
 """Reference loader: torch DataLoader + torchvision.transforms.v2, the baseline everyone knows.
 
 Every other loader is tested and measured against this one. Per sample, in worker
-processes: decode (torchvision.io), resize to the training size, then the spec's
+processes: decode (PIL), resize to the training size, then the spec's
 augmentations in the report's order, each as its own v2 transform (one resampling per
 geometric op, as the report's code did), ToDtype + Normalize. Batches are pinned and copied
 to the device with non_blocking=True, then laid out channels_last in the engine's dtype.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices, to_model_layout
@@ -47,8 +47,10 @@ def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
 
 
 def read_rgb(path: str) -> torch.Tensor:
-    """uint8 CHW RGB tensor of an image file (JPEG/PNG)."""
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    """uint8 CHW RGB tensor of an image file (PIL decode, as torchvision's ImageFolder does;
+    torchvision.io's decoders are deprecated from 0.29)."""
+    with Image.open(path) as im:
+        return v2.functional.pil_to_tensor(im.convert("RGB"))
 
 
 class _Files(torch.utils.data.Dataset):
