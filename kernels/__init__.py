@@ -1,5 +1,15 @@
 """Fused elementwise kernels the models call. `kernels.reference` holds the pure-torch
-semantics; Triton versions (issue: fused Triton kernels) plug in behind the same names."""
-from kernels.reference import bn_silu, dense_residual_mish, residual_mish
+semantics; the Triton versions (`kernels.batchnorm_silu`, `kernels.mish`) sit behind the
+same names as registered `torch.library` custom ops.
 
-__all__ = ["bn_silu", "residual_mish", "dense_residual_mish"]
+Backend per call (`backend=` argument) or by default (`set_backend`, `use_backend`):
+"auto" = Triton on CUDA tensors, the reference elsewhere; "triton" = always Triton (on CPU
+tensors only under TRITON_INTERPRET=1); "torch" = the reference. Importing this package
+does not import Triton (see `kernels._common`).
+"""
+from kernels._common import BACKENDS, get_backend, set_backend, use_backend
+from kernels.batchnorm_silu import BatchNormSiLU2d, bn_silu
+from kernels.mish import dense_residual_mish, residual_mish
+
+__all__ = ["bn_silu", "residual_mish", "dense_residual_mish", "BatchNormSiLU2d",
+           "BACKENDS", "get_backend", "set_backend", "use_backend"]
