@@ -1,0 +1,109 @@
+"""The four-stage schedule, the run folder it writes, and one-line CLI errors (exit 2)."""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import STAGES, config_from_args
+from engine.train import cosine_lr, main
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """10 classes x 6 train / 2 val solid-colour-ish 32x32 PNGs."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.full((32, 32, 3), c * 25, np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def test_stage_schedule_lrs_and_alphas():
+    cfg, _ = config_from_args(["--preset", "seed"])
+    plan = cfg.stage_plan()
+    assert [(s.name, s.lr_start, s.lr_end, s.mixup_alpha) for s, _ in plan] == [
+        ("pretraining", 2e-4, 1e-5, 0.1), ("finetuning1", 1e-5, 5e-6, 0.2),
+        ("finetuning2", 5e-6, 1e-6, 0.5), ("finetuning3", 5e-6, 1e-6, 0.3)]
+    for stage, _ in plan:
+        total = 37
+        assert math.isclose(cosine_lr(stage, 0, total), stage.lr_start)
+        assert math.isclose(cosine_lr(stage, total - 1, total), stage.lr_end)
+        lrs = [cosine_lr(stage, k, total) for k in range(total)]
+        assert all(a >= b for a, b in zip(lrs, lrs[1:]))     # annealed monotonically
+    demo, _ = config_from_args(["--preset", "cpu-demo", "--stages", "finetuning2,finetuning3", "--epochs", "3"])
+    assert [(s.name, e) for s, e in demo.stage_plan()] == [("finetuning2", 3), ("finetuning3", 3)]
+    assert demo.stage_plan()[0][0].lr_start == pytest.approx(5e-6 * demo.lr_scale)
+
+
+def test_cli_overrides_reach_the_spec():
+    cfg, _ = config_from_args(["--preset", "cpu-demo", "--size", "64", "--aug.rotate_degrees", "15",
+                               "--no-aug", "perspective,flip", "--batch-size", "8"])
+    spec = cfg.spec()
+    assert (spec.size, spec.rotate_degrees, cfg.batch_size) == (64, 15.0, 8)
+    assert "perspective" not in spec.enabled and "flip" not in spec.enabled and "rotate" in spec.enabled
+
+
+def test_four_stage_run_writes_metrics_checkpoints_and_curves(tiny_folder, tmp_path, capsys):
+    summary = main(["--preset", "cpu-demo", "--data", f"imagefolder:{tiny_folder}", "--width", "0.125",
+                    "--epochs", "2,1,1,1", "--batch-size", "16", "--workers", "0", "--out", str(tmp_path / "runs"),
+                    "--name", "t", "--cache-dir", str(tmp_path / "cache")])
+    run = tmp_path / "runs" / "t"
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    rows = list(csv.reader(open(run / "metrics.csv")))
+    assert rows[0][:10] == ["stage", "epoch", "lr", "mixup_alpha", "train_loss", "train_acc", "val_loss",
+                            "val_acc", "images_per_s", "seconds"]
+    body = rows[1:]
+    assert [r[0] for r in body] == ["pretraining", "pretraining", "finetuning1", "finetuning2", "finetuning3"]
+    assert [float(r[3]) for r in body] == [0.1, 0.1, 0.2, 0.5, 0.3]
+    assert all(0 <= float(r[5]) <= 1 and 0 <= float(r[7]) <= 1 for r in body)
+    for s in STAGES:
+        ckpt = torch.load(run / f"{s.name}-best.pt", weights_only=False)
+        assert set(ckpt["model"]) and ckpt["config"]["preset"] == "cpu-demo"
+    assert (run / "last.pt").exists() and (run / "config.json").exists()
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list(run.glob(".*.tmp"))
+    out = capsys.readouterr().out
+    assert "best val acc" in out and summary["best_val_acc"] == max(float(r[7]) for r in body)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loader", "nope"], "unknown loader 'nope'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--data", "mnist:/x"], "unknown data source"),
+    (["--data", "imagefolder:/no/such/dir"], "is not a directory"),
+    (["--width", "1.0", "--max-params", "1000"], "over --max-params 1,000"),
+    (["--stages", "pretrain"], "unknown stage"),
+    (["--batch-size", "many"], "--batch-size 'many': expected int"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bad_dataset_layout_from_the_command_line(tmp_path):
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / split / "a" / "0.png")
+    (root / "train" / "b").mkdir()
+    (root / "val" / "b").mkdir()
+    r = run_cli("-m", "engine.train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "runs"),
+                "--cache-dir", str(tmp_path / "cache"), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: empty class folder") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
