@@ -18,5 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 
 # --- sections (one per feature; keep each short) ---
+section kernels_tests $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py   # fused kernels on CUDA (~1 min)
+section kernels_bench $PY -m benchmarks.kernels --json "$OUT/kernels.json"           # fused vs eager vs inductor (~2-3 min)
 
 exit $status
