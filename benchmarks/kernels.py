@@ -162,7 +162,7 @@ def _measure(run, device) -> tuple[float, float]:
 
 def bench(args) -> list[dict]:
     import torch._dynamo
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     for knob in ("recompile_limit", "cache_size_limit"):  # one reference fn, one graph per shape
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
@@ -172,7 +172,8 @@ def bench(args) -> list[dict]:
     if args.quick:
         cases = cases[1:2] + cases[len(BN_SHAPES):len(BN_SHAPES) + 2]
     results = []
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"{gpu}, torch {torch.__version__}, batch {args.batch}, "
           f"{args.dtype}, channels_last; forward+backward ms (median), peak MiB; "
           f"ratio = other / fused (> 1: fused is faster)")
     print(f"{'case':32s} {'fused':>8s} {'eager':>8s} {'compile':>8s} {'x eager':>8s} {'x comp':>8s}"
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 cases only")
     ap.add_argument("--json", help="write the result rows here")
     ap.add_argument("--compile-only", action="store_true", help="sm_90 compile check, then exit")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # smoke tests of bench()
     args = ap.parse_args(argv)
     if args.compile_only:
         return 1 if compile_check() else 0

@@ -68,6 +68,16 @@ def make(shape, dtype, layout, scale=1.0, shift=0.0, seed=0):
     return x.to(DEVICE, dtype).to(memory_format=layout)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full fp32 convs/matmuls on a GPU: the block tests compare two models whose conv inputs
+    differ by fp32 rounding, which TF32 would amplify past the tolerances."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture
 def no_copies(monkeypatch):
     """Counts every re-layout the kernels could do: Tensor.contiguous and the one helper
