@@ -199,10 +199,12 @@ def test_bn_silu_edge_inputs():
         yt = kernels.bn_silu(xt, None, None, None, None, True, backend="triton")
         yr = reference.bn_silu(xr, None, None, None, None, True)
         if dy_layout is None:
-            yt.sum().backward(), yr.sum().backward()
+            yt.sum().backward()
+            yr.sum().backward()
         else:
             dy = make(x.shape, torch.float32, dy_layout, seed=7)
-            yt.backward(dy), yr.backward(dy)
+            yt.backward(dy)
+            yr.backward(dy)
         close(yt, yr, TOL[torch.float32])
         close(xt.grad, xr.grad, TOL[torch.float32])
     x2 = make((6, 5), torch.float32, torch.contiguous_format)
@@ -227,7 +229,8 @@ def test_batchnorm_silu2d_tracks_nn_batchnorm(momentum):
     fused = kernels.BatchNormSiLU2d(5, momentum=momentum, backend="triton").to(DEVICE)
     bn = nn.BatchNorm2d(5, momentum=momentum).to(DEVICE)
     with torch.no_grad():
-        fused.weight.uniform_(0.5, 1.5), fused.bias.uniform_(-0.5, 0.5)
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.uniform_(-0.5, 0.5)
     bn.load_state_dict(fused.state_dict())
     plain = nn.Sequential(bn, nn.SiLU())
     for step in range(4):
@@ -236,7 +239,8 @@ def test_batchnorm_silu2d_tracks_nn_batchnorm(momentum):
     for name in ("running_mean", "running_var"):
         close(getattr(fused, name), getattr(bn, name), SUM_TOL)
     assert fused.num_batches_tracked.item() == bn.num_batches_tracked.item() == 4
-    fused.eval(), plain.eval()
+    fused.eval()
+    plain.eval()
     x = make((2, 5, 4, 4), torch.float32, torch.contiguous_format, seed=9)
     close(fused(x), plain(x), TOL[torch.float32])
     nn.BatchNorm2d(5).load_state_dict(fused.state_dict())
@@ -321,7 +325,8 @@ def _twins(dense: bool, c: int = 5, n: int = 3):
     with torch.no_grad():
         for m in fused.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
     # blocks.i.1.<bn state> (BatchNormSiLU2d) is blocks.i.1.0.<bn state> (BatchNorm2d, SiLU)
     plain.load_state_dict({re.sub(r"^(blocks\.\d+\.1)\.", r"\1.0.", k): v for k, v in fused.state_dict().items()})
     return fused, plain
