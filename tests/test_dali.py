@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
 from loaders.base import Loader, LoaderOptions, build_loader  # noqa: E402
-from loaders.dali import DaliLoader, Draws, shard_bounds  # noqa: E402
+from loaders.dali import DaliLoader, Draws, dali_rejects, shard_bounds  # noqa: E402
 from loaders.datasets import Split  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
 from loaders.torchvision import read_rgb, reference_transform  # noqa: E402
@@ -204,6 +204,8 @@ def test_unreadable_file_is_skipped_with_a_warning(tiny_synthetic, tmp_path):
         ids = torch.cat([y for _, y in loader]).tolist()
     assert sorted(ids) == [i for i in range(40) if i != 21]
     assert paths[21] in loader.bad
+    # The last-resort check decodes with DALI itself, one file at a time.
+    assert dali_rejects(paths[20:23]) == [paths[21]]
     with warnings.catch_warnings():                   # later epochs: no error, no warning
         warnings.simplefilter("error")
         loader.set_epoch(1)
