@@ -57,6 +57,12 @@ class Config:
     label_smoothing: float = 0.0
     device: str = "auto"
     amp: str = "auto"                # auto | bf16 | fp16 | off
+    compile: str = "auto"            # auto (on CUDA) | on | off
+    compile_mode: str = "default"    # torch.compile mode: default, max-autotune-no-cudagraphs, ...
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: dynamo graphs without codegen)
+    kernels: str = "auto"            # fused-op backend: auto (Triton on CUDA) | triton | torch
+    tta: bool = False                # also report horizontal-flip test-time-augmented accuracy
+    target_acc: float = 0.0          # stop when val accuracy reaches this (0 = run all stages)
     workers: int = 2
     seed: int = 0
     max_params: int = 5_000_000
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(PRESETS)} (default cpu-demo)")
     defaults = Config()
     for f in fields(Config):
-        if f.name in ("preset", "aug", "no_aug"):
+        if f.name in ("preset", "aug", "no_aug", "compile"):
             continue
         ex = getattr(defaults, f.name)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name != "size":
             p.add_argument(f"--aug.{f.name}", dest=f"aug.{f.name}", default=None,
                            help=f"augmentation spec override (default {f.default!r})")
+    p.add_argument("--compile", dest="compile", nargs="?", const="on", default=None,
+                   help="torch.compile the model: auto (default: on CUDA), on, off")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     p.add_argument("--no-aug", default=None,
                    help=f"comma-separated augmentations to switch off, or 'all' ({', '.join(AUGMENTATIONS)})")
     return p

@@ -94,26 +94,9 @@ BLOCKS = {"res11": 3, "res12": 3, "res2": 5, "res3": 3, "res4": 3}
 TAPS = (32, 32, 64, 64, 64)  # Linear1..Linear5 output widths (sum 256)
 
 
-class BNSiLU(nn.BatchNorm2d):
-    """BatchNorm2d followed by SiLU, as one module: ``kernels.bn_silu`` computes both, so a
-    fused kernel replaces the pair. State dict, running statistics, momentum (including
-    ``momentum=None``, the cumulative average) and ``num_batches_tracked`` behave as in
-    ``nn.BatchNorm2d``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        return kernels.bn_silu(
-            x, self.weight, self.bias,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            use_batch_stats, factor, self.eps)
+# BatchNorm2d + SiLU as one module (an nn.BatchNorm2d subclass, so checkpoints load either
+# way); its forward calls the fused op chosen by the kernels backend.
+BNSiLU = kernels.BatchNormSiLU2d
 
 
 def _ch(n: int, width: float) -> int:

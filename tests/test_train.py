@@ -14,10 +14,8 @@ from engine.train import cosine_lr, main
 from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def make_tiny_folder(root):
     """10 classes x 6 train / 2 val solid-colour-ish 32x32 PNGs."""
-    root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 2)):
         for c in range(10):
@@ -27,6 +25,11 @@ def tiny_folder(tmp_path_factory):
                 arr = np.full((32, 32, 3), c * 25, np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def test_stage_schedule_lrs_and_alphas():
