@@ -22,6 +22,7 @@ LOADERS = {
     "dali": "loaders.dali:DaliLoader",
     "ffcv": "loaders.ffcv:FfcvLoader",
     "resident": "loaders.resident:ResidentLoader",
+    "auto": "loaders.auto:AutoLoader",       # picks one of the above for this machine and data
 }
 
 
@@ -90,6 +91,8 @@ def loader_class(name: str):
 def available_loaders() -> list[str]:
     out = []
     for name in LOADERS:
+        if name == "auto":
+            continue
         try:
             loader_class(name)
             out.append(name)
