@@ -1,6 +1,7 @@
 """Loaders (and, with --train, training) measured side by side in one run, as ratios.
 
     python -m benchmarks.throughput --data shared --loaders torchvision,dali,resident,ffcv
+    python -m benchmarks.throughput --train --preset cpu-demo      # training rows
 
 Method: each (loader, augment on/off) is measured in a fresh subprocess (so one loader's
 thread pools and caches cannot slow the next, and its peak RSS is its own) over a fixed
@@ -8,6 +9,15 @@ subset of `--batches x --batch-size` training images: one warm-up epoch (worker 
 JIT compiles, file cache), then `--passes` timed epochs; images/s is the median pass.
 Each row's ratio is against the torchvision loader with the same augment setting, measured
 in the same run. Results in the README name the machine they came from.
+
+--train adds, each in its own subprocess, on the preset's model and batch:
+- kind=train: the training step alone on one fixed batch (no loader), eager vs compiled,
+  fused kernels (triton) vs reference (torch) and AMP on/off where they apply (Triton and
+  bf16 only on CUDA: on this CPU Triton runs only in its interpreter, and bf16 has no
+  native support). images/s is the median of `--passes` runs of `--steps` steps; the ratio
+  is against the eager/torch/amp-off row; compile time is its own column, never in images/s.
+- kind=end_to_end: loader + step together over `--batches` batches for each loader (one
+  warm-up epoch first), with the fraction of the time spent waiting for data.
 """
 from __future__ import annotations
 
@@ -44,7 +54,9 @@ def resolve_data(source: str, cache_dir: str) -> str:
 
 def machine() -> dict:
     import torch
-    info = dict(machine=f"{platform.machine()} {os.cpu_count()} cpus, {platform.processor() or platform.system()}",
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    info = dict(machine=f"{os.cpu_count()} x {cpu}",
                 torch=torch.__version__)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -98,15 +110,91 @@ def measure_loader(args, loader_name: str, augment: bool) -> dict:
                 size=args.size, batch_size=args.batch_size, images=n, device=str(device))
 
 
-def run_child(args, loader: str, augment: bool) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--_child", f"{loader},{int(augment)}",
+def _trainer(args, tmp: str, **over):
+    from engine.config import config_from_args
+    from engine.train import Trainer
+    argv = ["--preset", args.preset, "--data", args.data, "--cache-dir", args.cache_dir, "--out", tmp,
+            "--device", args.device, "--workers", str(args.workers)]
+    for k, v in over.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    cfg, _ = config_from_args(argv)
+    return Trainer(cfg)
+
+
+def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
+    """kind=train: the step alone on one fixed batch."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    with tempfile.TemporaryDirectory() as tmp:
+        t = _trainer(args, tmp, compile="on" if compile_ else "off", kernels=kernels, amp=amp, loader="torchvision")
+        compile_s = t.warm_up_compile()
+        x, y = next(iter(t.train_loader))
+        y_soft = F.one_hot(y, t.data.num_classes).float()
+        opt = torch.optim.AdamW(t.model.parameters(), lr=1e-4,
+                                **({"fused": True} if t.device.type == "cuda" else {"foreach": True}))
+        t.model.train()
+        times = []
+        for p in range(args.passes + 1):       # pass 0 warms caches and autotuning
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                t.train_step(opt, x, y_soft)
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+            if p:
+                times.append(time.perf_counter() - t0)
+        ips = args.steps * y.shape[0] / statistics.median(times)
+        flops = None
+        try:
+            from engine.models import forward_flops
+            flops = 3 * forward_flops(t.model, t.spec.size)            # forward + backward ~ 3x forward
+        except Exception:  # noqa: BLE001  (FLOP counting is informative only)
+            pass
+        return dict(kind="train", compile=compile_, kernels=kernels, amp=amp, loader=None, images_per_s=ips,
+                    compile_s=round(compile_s, 2), tflops=round(ips * flops / 1e12, 3) if flops else None,
+                    batch_size=y.shape[0], size=t.spec.size, preset=args.preset, device=str(t.device))
+
+
+def measure_end_to_end(args, loader: str) -> dict:
+    """kind=end_to_end: loader + step for `--batches` batches per epoch, median of passes."""
+    import tempfile
+
+    import torch
+    from engine.config import STAGES
+    from loaders.base import LoaderOptions, build_loader
+    with tempfile.TemporaryDirectory() as tmp:
+        t = _trainer(args, tmp, loader=loader)
+        compile_s = t.warm_up_compile()
+        o = t.train_loader.opts if hasattr(t.train_loader, "opts") else None
+        opts = o or LoaderOptions(train=True, batch_size=t.cfg.batch_size, device=t.device,
+                                  dtype=t.amp or torch.float32, workers=t.cfg.workers)
+        t.train_loader = build_loader(loader, subset(t.data.train, args.batches * t.cfg.batch_size), t.spec, opts)
+        opt = torch.optim.AdamW(t.model.parameters(), lr=1e-4)
+        stats = []
+        for p in range(args.passes + 1):
+            t.train_loader.set_epoch(p)
+            r, _ = t.train_epoch(opt, STAGES[0], None, 0, args.batches, f"e2e {loader}")
+            if p:
+                stats.append(r)
+        mid = sorted(stats, key=lambda r: r["images_per_s"])[len(stats) // 2]
+        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp=str(t.amp), loader=loader,
+                    images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
+                    compile_s=round(compile_s, 2), batch_size=t.cfg.batch_size, size=t.spec.size,
+                    preset=args.preset, device=str(t.device))
+
+
+def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--_child", f"{what},{loader},{int(augment)}",
+           "--preset", args.preset, "--steps", str(args.steps),
            "--data", args.data, "--cache-dir", args.cache_dir, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--passes", str(args.passes),
            "--workers", str(args.workers), "--device", args.device]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return dict(kind="loader", loader=loader, augment=augment, images_per_s=None, error=tail)
+        return dict(kind=what if what != "train" else "train", loader=loader, augment=augment, images_per_s=None,
+                    error=tail)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -117,6 +205,36 @@ def print_table(rows: list[dict]) -> None:
         ratio = f"{r['ratio_vs_torchvision']:.2f}x" if r.get("ratio_vs_torchvision") else "-"
         print(f"{r['loader']:<12} {('on' if r['augment'] else 'off'):<8} {ips:>10} {ratio:>14} "
               f"{r.get('peak_rss_mb', '-'):>12}" + (f"  ({r['error']})" if r.get("error") else ""))
+
+
+def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
+    import torch
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",))
+              for a in (("off", "bf16") if cuda else ("off",))]
+    rows = []
+    for c, k, a in combos:
+        rows.append({**run_child(args, f"{c}/{k}/{a}", True, "train"), **info})
+        print(f"  measured train compile={c} kernels={k} amp={a}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
+              file=sys.stderr, flush=True)
+    eager = next((r for r in rows if r.get("images_per_s") and not r.get("compile") and r.get("kernels") == "torch"
+                  and r.get("amp") == "off"), None)
+    for name in loaders:
+        rows.append({**run_child(args, name, True, "end_to_end"), **info})
+        print(f"  measured end_to_end {name}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
+              file=sys.stderr, flush=True)
+    for r in rows:
+        r["ratio_vs_eager"] = r["images_per_s"] / eager["images_per_s"] if eager and r.get("images_per_s") else None
+    print(f"\n{'kind':<11} {'loader':<12} {'compile':<8} {'kernels':<8} {'amp':<5} {'images/s':>9} {'x eager':>8} "
+          f"{'compile s':>9} {'data wait':>9}")
+    for r in rows:
+        ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "failed"
+        ratio = f"{r['ratio_vs_eager']:.2f}x" if r.get("ratio_vs_eager") else "-"
+        wait = f"{r['data_wait_frac']:.0%}" if r.get("data_wait_frac") is not None else "-"
+        print(f"{r['kind']:<11} {str(r.get('loader') or '-'):<12} {str(bool(r.get('compile'))):<8} "
+              f"{str(r.get('kernels')):<8} {str(r.get('amp')):<5} {ips:>9} {ratio:>8} {r.get('compile_s', '-'):>9} "
+              f"{wait:>9}" + (f"  ({r['error']})" if r.get("error") else ""))
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -132,11 +250,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="auto")
     p.add_argument("--augment", choices=("both", "on", "off"), default="both")
     p.add_argument("--json", default="", help="write the rows here as a JSON list")
+    p.add_argument("--train", action="store_true", help="also measure training and end-to-end rows")
+    p.add_argument("--preset", default="cpu-demo", help="engine preset for the --train rows")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed pass of a train row")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
-        name, aug = args._child.split(",")
-        print(json.dumps(measure_loader(args, name, aug == "1")))
+        what, name, aug = args._child.split(",")
+        if what == "loader":
+            row = measure_loader(args, name, aug == "1")
+        elif what == "train":
+            compile_, kernels, amp = name.split("/")
+            row = measure_train(args, compile_ == "1", kernels, amp)
+        else:
+            row = measure_end_to_end(args, name)
+        print(json.dumps(row))
         return []
 
     from loaders.base import available_loaders
@@ -162,6 +290,8 @@ def main(argv=None) -> list[dict]:
         ok = base and base.get("images_per_s") and r.get("images_per_s")
         r["ratio_vs_torchvision"] = r["images_per_s"] / base["images_per_s"] if ok else None
     print_table(rows)
+    if args.train:
+        rows += train_rows(args, names, info)
     if args.json:
         from loaders.fsutil import atomic_write
         atomic_write(args.json, json.dumps(rows, indent=2))
