@@ -7,11 +7,13 @@ per-sample parameters are CPU argument inputs either way.
 
 Per training sample:
 
-1. read: `fn.readers.file` over the dataset cache's file list, in the epoch's order,
-   sharded by DALI (`shard_id`/`num_shards`), last batch padded (`pad_last_batch`) and
-   trimmed or dropped by the iterator (`LastBatchPolicy.PARTIAL`/`DROP`, per `drop_last`);
-   decode to RGB uint8 at the source size.
-2. parameters: one `fn.random.uniform` vector per sample (DALI's seeded RNG) mapped to the
+1. read: `fn.readers.file` over a list of the dataset cache's files laid out per epoch
+   and rank (see Epochs), sharded by DALI (`shard_id`/`num_shards`); the last batch
+   policy (`drop_last`: drop the ragged batch, else pad it and trim on delivery) is
+   applied per epoch in that layout; decode to RGB uint8 at the source size.
+2. parameters: one vector of uniform draws per sample (`DrawFeed`, through
+   `fn.external_source`: a numpy generator keyed by (seed, rank, epoch, batch), so every
+   epoch replays on its own; `fn.random.uniform` when no feed is given) mapped to the
    spec's parameters with torchvision v2's distributions, and the per-sample 3x3 warp
    matrix, by one vectorised numpy call per batch (`Draws`, via `fn.python_function`).
    DALI charges about a millisecond per operator per batch on the CPU, and composing the
@@ -70,21 +72,27 @@ measured in tests/test_dali.py:
 - EXIF orientation is not applied (the reference's `decode_image` does not either).
 
 Epochs: DALI's reader can reshuffle by itself (`shuffle_after_epoch`, seeded), but only
-along its own sequence of epochs. This loader builds a pipeline per epoch instead, over the
-permutation `epoch_indices` gives every loader for (seed, epoch) - the same order as the
-reference loader's - truncated to a multiple of the world size when training and sharded
-by DALI (rank r reads the r-th contiguous block, so ranks partition the epoch). The
-pipeline seed is drawn from (seed, rank, epoch), so `set_epoch(n)` reproduces epoch n
-exactly, also after a restart. The cost: ~0.2 s to build and ~0.3 s to tear down per
-epoch (measured), plus `malloc_trim` after the teardown (without it glibc's arenas keep
-the freed buffers and the RSS grows ~5 MB per epoch).
+along its own sequence of epochs, so `set_epoch(n)` could not select epoch n. Instead the
+reader reads a file list that this loader lays out for a block of consecutive epochs
+(up to 16, at most ~400k entries: ~0.7 s to build): epoch e is the permutation
+`epoch_indices` gives every loader for (seed, e) - the reference loader's order -
+truncated to a multiple of the world size when training; rank r's share is its r-th
+contiguous block, cut to whole batches (the ragged tail dropped, or padded with its last
+sample and trimmed on delivery: the last-batch policy); the ranks' streams are laid back
+to back, equally long, and DALI's sharding (shard_id=rank, num_shards=world) hands each
+rank its own. Consecutive epochs continue the same pipeline (its read-ahead is the next
+epoch's first batches, not waste); `set_epoch(n)` out of sequence, or leaving an epoch
+early, starts a new block at n, and since the draws are keyed by epoch and batch, epoch n
+comes out identical either way (also after a restart). Tearing a pipeline down is
+followed by `malloc_trim`: DALI's executor threads allocate from many glibc arenas, and
+without it rebuilding grew the RSS by ~5 MB per pipeline.
 
 Bad input: the dataset cache drops files it cannot decode at ingest. A file that fails in
 DALI anyway (changed since, or rejected by DALI's decoder) fails a batch; the loader then
 finds it (DALI's reader errors name the file; its decoder errors do not, so it checks the
 remaining files with PIL, then with DALI's decoder one by one), warns with the names,
-drops them for the rest of the run and resumes the epoch where it stopped, on a rebuilt
-pipeline. The epoch is short of those samples, never aborted.
+drops them for the rest of the run and resumes the epoch where it stopped, on a pipeline
+over this rank's remaining samples. The epoch is short of those samples, never aborted.
 """
 from __future__ import annotations
 
@@ -113,8 +121,8 @@ def _dali_dtype(dtype: torch.dtype):
 
 def _trim_heap() -> None:
     """Return freed heap to the OS after a pipeline is torn down. DALI's executor threads
-    allocate from many glibc arenas; without this, rebuilding a pipeline per epoch grows the
-    RSS by ~5 MB per epoch (fragmentation, not a leak: flat with malloc_trim)."""
+    allocate from many glibc arenas; without this, each rebuilt pipeline grew the RSS by
+    ~5 MB (fragmentation, not a leak: flat with malloc_trim)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):      # not glibc: nothing to do
@@ -291,7 +299,7 @@ def perspective_matrix(corners: np.ndarray, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------ the pipeline
 
 @pipeline_def
-def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str,
+def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, feed=None,
                   shard_id: int = 0, num_shards: int = 1, out_dtype=types.FLOAT,
                   source_first: bool = True, source_hw: tuple[int, int] | None = None,
                   debug: bool = False):
@@ -300,6 +308,7 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str,
     `source_first`: every source is at most `spec.size`, so colour runs at the source size
     and the warp upscales; otherwise images are resized (antialiased) to `spec.size` first.
     `source_hw`: the sources' common (height, width), None when sizes vary.
+    `labels` are passed through (the loader passes sample indices and maps them).
     Returns (images HWC normalised in out_dtype, labels int32 (N, 1)[, draws, matrices])."""
     s = spec.size
     jpegs, labels = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
@@ -313,7 +322,10 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str,
     if not source_first and resize:
         img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
     draws = Draws(spec, train, scale_src=source_first and resize, src_hw=source_hw)
-    u = fn.random.uniform(range=[0.0, 1.0], shape=[max(1, draws.width)])
+    # Per-sample uniform draws: from `feed` (a DrawFeed: keyed by epoch and batch), or
+    # DALI's own seeded RNG when none is given.
+    u = fn.external_source(source=feed, batch=True, dtype=types.FLOAT, ndim=1) if feed \
+        else fn.random.uniform(range=[0.0, 1.0], shape=[max(1, draws.width)])
     mtx = draws.constant_matrix() if draws.warp else None
     mirror = 0
     if draws.outputs:
@@ -356,8 +368,43 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str,
 
 # -------------------------------------------------------------------------- the loader
 
+class DrawFeed:
+    """`fn.external_source` callback: each batch's uniform draws, (batch, width) float32, a
+    pure function of (seed, rank, epoch, batch in epoch, attempt), so any epoch replays
+    exactly on its own (set_epoch(n) after a restart). Called once per pipeline iteration,
+    in order; `schedule` lists (epoch, batches) as the pipeline's stream lays them out."""
+
+    def __init__(self, seed: int, rank: int, batch_size: int, width: int,
+                 schedule=((0, 1 << 30),), attempt: int = 0):
+        self.key, self.shape = (seed, rank, attempt), (batch_size, max(1, width))
+        self.schedule, self.i = list(schedule), 0
+
+    def __call__(self):
+        i, self.i = self.i, self.i + 1
+        for epoch, n in self.schedule:
+            if i < n:
+                break
+            i -= n
+        else:                        # read-ahead past the planned stream: never delivered
+            epoch, i = 1 << 31, i
+        seed, rank, attempt = self.key
+        return np.random.default_rng([seed, rank, epoch, i, attempt]).random(self.shape, np.float32)
+
+
+class _Stream:
+    """One pipeline over a block of consecutive epochs, and where its reader is."""
+
+    def __init__(self, iterator, epochs: list[tuple[int, np.ndarray, int]]):
+        self.iterator = iterator
+        self.epochs = epochs        # [(epoch, this rank's samples in order, batches)]
+        self.pos = 0                # index into epochs of the next epoch to deliver
+        self.busy = False           # an epoch is being delivered from it
+
+
 class DaliLoader:
     """The Loader protocol over `dali_pipeline` (see the module docstring)."""
+
+    BLOCK_SAMPLES = 400_000         # file-list entries per pipeline: ~0.7 s to build
 
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
         self.split, self.spec, self.opts = split, spec, opts
@@ -374,14 +421,19 @@ class DaliLoader:
         self.source_first = all(h <= spec.size and w <= spec.size for h, w in split.sizes)
         sizes = set(map(tuple, split.sizes))
         self.source_hw = sizes.pop() if len(sizes) == 1 else None
+        self.width = Draws(spec, opts.train).width
+        # The reader yields sample indices; this maps them to labels on the device.
+        self.label_table = torch.as_tensor(split.labels, dtype=torch.int64, device=self.device)
+        self.block_epochs = max(1, min(16, self.BLOCK_SAMPLES // max(1, len(split))))
         self.bad: set[str] = set()
         self.epoch = 0
+        self._stream: _Stream | None = None
 
     # ---- epoch bookkeeping
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """All ranks' samples of `epoch` in reading order (DALI shards it by contiguous
-        blocks): the same permutation as every loader's, minus files found bad, truncated
-        to a multiple of the world size when training."""
+        """All ranks' samples of `epoch` in reading order: the same permutation as every
+        loader's, minus files found bad, truncated to a multiple of the world size when
+        training. Rank r reads its r-th contiguous block (`shard_bounds`)."""
         order = epoch_indices(len(self.split), replace(self.opts, rank=0, world_size=1), epoch)
         if self.bad:
             order = np.array([i for i in order if self.split.paths[i] not in self.bad], np.int64)
@@ -401,63 +453,116 @@ class DaliLoader:
         return batches_per_epoch(len(self.rank_indices(self.epoch)), self.opts)
 
     # ---- pipelines
-    def _seed(self, epoch: int, attempt: int) -> int:
-        ss = np.random.SeedSequence([self.opts.seed, self.opts.rank, epoch, attempt])
-        return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
-
-    def build_pipeline(self, indices, shard_id=0, num_shards=1, seed=0, debug=False):
-        paths, labels = self.split.paths, self.split.labels
+    def build_pipeline(self, indices, shard_id=0, num_shards=1, feed=None, seed=0, debug=False):
+        """A built pipeline reading `indices` (samples, in order) with DALI's sharding.
+        Draws come from `feed` (default: keyed by `seed`, epoch 0)."""
+        feed = feed or DrawFeed(seed, self.opts.rank, self.opts.batch_size, self.width)
         pipe = dali_pipeline(
-            [paths[i] for i in indices], [int(labels[i]) for i in indices], self.spec,
-            self.opts.train, self.dali_device, shard_id=shard_id, num_shards=num_shards,
-            out_dtype=_dali_dtype(self.opts.dtype), source_first=self.source_first,
-            source_hw=self.source_hw,
-            debug=debug, batch_size=self.opts.batch_size,
-            num_threads=max(1, self.opts.workers), device_id=self.device_id, seed=seed)
+            [self.split.paths[i] for i in indices], [int(i) for i in indices], self.spec,
+            self.opts.train, self.dali_device, feed=feed, shard_id=shard_id,
+            num_shards=num_shards, out_dtype=_dali_dtype(self.opts.dtype),
+            source_first=self.source_first, source_hw=self.source_hw, debug=debug,
+            batch_size=self.opts.batch_size, num_threads=max(1, self.opts.workers),
+            device_id=self.device_id, seed=self.opts.seed)
         pipe.build()
         return pipe
 
-    def _iterator(self, pipe):
-        policy = LastBatchPolicy.DROP if self.opts.drop else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
-                                   last_batch_policy=policy, auto_reset=False)
+    def _segment(self, share: np.ndarray) -> tuple[np.ndarray, int]:
+        """One rank's epoch as whole batches: the ragged tail dropped, or padded with its
+        last sample (delivered trimmed). Returns (stream entries, batches)."""
+        bs = self.opts.batch_size
+        nb = batches_per_epoch(len(share), self.opts)
+        if len(share) == 0 or nb == 0:
+            return share[:0], 0
+        if self.opts.drop:
+            return share[: nb * bs], nb
+        return np.concatenate([share, np.repeat(share[-1:], nb * bs - len(share))]), nb
+
+    def _open(self, first: int, head: np.ndarray | None = None, attempt: int = 0) -> _Stream:
+        """A pipeline streaming epochs first.. (a block of them) in whole batches per rank.
+
+        Normally every rank's stream is laid out back to back, equally long, and DALI's
+        sharding (shard_id=rank, num_shards=world) hands each rank its own; after a bad
+        file (`head`: this rank's remaining samples of `first`) the stream is this rank's
+        alone, for the rest of that epoch."""
+        opts = self.opts
+        world = 1 if head is not None else opts.world_size
+        streams = [[] for _ in range(world)]
+        epochs = []
+        for e in ([first] if head is not None else range(first, first + self.block_epochs)):
+            order = self.epoch_order(e)
+            for r in range(world):
+                if head is not None:
+                    share = np.asarray(head, np.int64)
+                else:
+                    a, b = shard_bounds(len(order), r, world)
+                    share = order[a:b]
+                seg, nb = self._segment(share)
+                streams[r].append(seg)
+                if head is not None or r == opts.rank:
+                    epochs.append((e, share, nb))
+        streams = [np.concatenate(st) for st in streams]
+        length = max(len(st) for st in streams)
+        if length == 0:
+            return _Stream(None, epochs)
+        # Equal shards: pad each rank's stream with its last sample (never delivered).
+        flat = np.concatenate([np.concatenate([st, np.repeat(st[-1:] if len(st) else
+                                                             np.zeros(1, np.int64), length - len(st))])
+                               for st in streams])
+        feed = DrawFeed(opts.seed, opts.rank, opts.batch_size, self.width,
+                        [(e, nb) for e, _, nb in epochs], attempt)
+        pipe = self.build_pipeline(flat, 0 if head is not None else opts.rank, world, feed=feed)
+        it = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+        return _Stream(it, epochs)
+
+    def _close(self) -> None:
+        self._stream = None          # the iterator and its pipeline go with it
+        _trim_heap()
 
     def __iter__(self):
-        epoch, opts = self.epoch, self.opts
-        queue = self.rank_indices(epoch)        # this rank's samples not yet delivered
-        attempt = 0
-        while True:
-            it, done = None, 0
-            try:
-                # First attempt: the whole epoch's order, sharded by DALI; after a bad file,
-                # this rank's remaining samples on one shard.
-                todo, shard = ((self.epoch_order(epoch), (opts.rank, opts.world_size))
-                               if attempt == 0 else (queue, (0, 1)))
-                it = self._iterator(self.build_pipeline(todo, *shard,
-                                                        seed=self._seed(epoch, attempt)))
-                for batch in it:
-                    x, y = batch[0]["images"], batch[0]["labels"]
-                    done += len(y)
-                    yield self._to_model(x), y.view(-1).to(torch.int64)
-                return
-            except RuntimeError as e:
-                if "pipeline" not in str(e).lower() and "dali" not in str(e).lower():
-                    raise
-                queue = [i for i in queue[done:] if self.split.paths[i] not in self.bad]
-                found = self._find_bad(str(e), queue)
-                if not found or attempt >= 20:
-                    raise
-                self.bad |= set(found)
-                warnings.warn(f"DALI loader: skipping {len(found)} unreadable image(s) for the "
-                              f"rest of the run: {', '.join(sorted(found))}", RuntimeWarning,
-                              stacklevel=2)
-                queue = np.array([i for i in queue if self.split.paths[i] not in self.bad], np.int64)
-                attempt += 1
-                if len(queue) == 0 or (opts.drop and len(queue) < opts.batch_size):
+        epoch = self.epoch
+        s = self._stream
+        if s is None or s.busy or s.pos >= len(s.epochs) or s.epochs[s.pos][0] != epoch:
+            self._close()
+            s = self._stream = self._open(epoch)
+        queue, attempt, done = s.epochs[s.pos][1], 0, 0
+        finished, s.busy = False, True
+        try:
+            while True:
+                try:
+                    e, share, nb = s.epochs[s.pos]
+                    for b in range(nb):
+                        out = next(s.iterator)[0]
+                        y = out["labels"].view(-1)[: len(share) - b * self.opts.batch_size]
+                        x = out["images"][: len(y)]
+                        done += len(y)
+                        yield self._to_model(x), self.label_table[y.to(torch.int64)]
+                    s.pos, s.busy, finished = s.pos + 1, False, True
                     return
-            finally:
-                del it
-                _trim_heap()
+                except RuntimeError as err:
+                    if "pipeline" not in str(err).lower() and "dali" not in str(err).lower():
+                        raise
+                    s = self._stream = None          # a failed pipeline cannot go on
+                    _trim_heap()
+                    remaining = [i for i in queue[done:] if self.split.paths[i] not in self.bad]
+                    found = self._find_bad(str(err), remaining)
+                    if not found or attempt >= 20:
+                        raise
+                    self.bad |= set(found)
+                    warnings.warn(f"DALI loader: skipping {len(found)} unreadable image(s) for "
+                                  f"the rest of the run: {', '.join(sorted(found))}",
+                                  RuntimeWarning, stacklevel=2)
+                    queue = np.array([i for i in remaining if self.split.paths[i] not in self.bad],
+                                     np.int64)
+                    attempt, done = attempt + 1, 0
+                    if self._segment(queue)[1] == 0:
+                        return
+                    s = self._stream = self._open(epoch, head=queue, attempt=attempt)
+                    s.busy = True
+        finally:
+            if not finished and self._stream is s:   # left mid-epoch: the stream is spent
+                self._close()
 
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) DALI output -> NCHW view in channels_last memory (no copy unless the

@@ -155,13 +155,25 @@ def test_deterministic_and_epochs(tiny_synthetic):
     a, b = DaliLoader(split, spec, opts(seed=3)), DaliLoader(split, spec, opts(seed=3))
     ea, eb = list(a), list(b)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(ea, eb))
-    a.set_epoch(1)
-    e1 = list(a)
-    assert torch.cat([y for _, y in e1]).tolist() != torch.cat([y for _, y in ea]).tolist()
-    a.set_epoch(0)                                   # set_epoch(n) reproduces epoch n exactly
+    epochs = [ea]
+    for e in (1, 2):                       # consecutive epochs stream from one pipeline
+        a.set_epoch(e)
+        epochs.append(list(a))
+    assert a._stream is not None and a._stream.pos == 3
+    ids = [torch.cat([y for _, y in ep]).tolist() for ep in epochs]
+    assert ids[0] != ids[1] != ids[2]
+    # set_epoch(n) reproduces epoch n exactly: on a fresh loader, and going back.
+    c = DaliLoader(split, spec, opts(seed=3))
+    c.set_epoch(2)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(c, epochs[2]))
+    a.set_epoch(0)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(list(a), ea))
-    c = DaliLoader(split, spec, opts(seed=4))
-    assert torch.cat([y for _, y in c]).tolist() != torch.cat([y for _, y in ea]).tolist()
+    # Leaving an epoch early: the next one starts cleanly.
+    a.set_epoch(1)
+    next(iter(a))
+    assert [y.tolist() for _, y in a] == [y.tolist() for _, y in epochs[1]]
+    d = DaliLoader(split, spec, opts(seed=4))
+    assert torch.cat([y for _, y in d]).tolist() != ids[0]
 
 
 def test_epoch_coverage_and_two_shards_partition(tiny_synthetic):
@@ -318,8 +330,8 @@ def test_colour_gaps(tiny_synthetic):
       order per image; here hsv clamps, then brightness+contrast). The reference's own
       order permutation differs from itself by as much (printed).
     - hue alone at the spec's +-0.05 turn: DALI's YIQ rotation vs torchvision's exact HSV
-      shift: mean ~5 levels, p99 ~27 on these saturated synthetic colours (CIFAR: mean 1.9,
-      p99 17); no cheap exact alternative in DALI (no HSV colour space op).
+      shift: mean ~5-6 levels, p99 ~27-35 on these saturated synthetic colours (CIFAR-10:
+      mean 1.9, p99 17); no cheap exact alternative in DALI (no HSV colour space op).
     - the contrast pivot: DALI's default (grey 128) vs torchvision's image grey mean, c in
       [0.8, 1.2]: mean ~5 levels on CIFAR; ours (pivot on the mean) matches within 1."""
     paths = list(tiny_synthetic.train.paths[::2])[:64]
@@ -350,11 +362,11 @@ def test_colour_gaps(tiny_synthetic):
     d, _ = gap("g")             # + luma weights 0.299 (YIQ) vs 0.2989: max 2
     assert d.max() <= 2.01 and d.mean() < 0.6, (d.max(), d.mean())
     combined, p = gap("bcsg", brightness=0.2, contrast=0.2, saturation=0.2)
-    assert combined.mean() < 2.5 and np.percentile(combined, 99) <= 12
+    assert combined.mean() < 2.5 and np.percentile(combined, 99) <= 16
     self_gap = np.stack([np.abs(reference(k, p, "scbg") - reference(k, p, "bcsg"))
                          for k in range(len(paths))])
     hue, p = gap("h", hue=0.05)
-    assert hue.mean() < 7 and np.percentile(hue, 99) <= 35, (hue.mean(), np.percentile(hue, 99))
+    assert hue.mean() < 8 and np.percentile(hue, 99) <= 45, (hue.mean(), np.percentile(hue, 99))
     p_neg = dict(p, hue=-p["hue"])          # the same shift the other way: twice as far
     wrong = np.stack([np.abs(reference(k, p_neg, "h") - reference(k, p, "h")) for k in range(len(paths))])
     assert hue.mean() < 0.7 * wrong.mean()
