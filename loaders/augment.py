@@ -68,6 +68,11 @@ in uint8 throughout (rounding/truncating after each op); we stay in float32 unti
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
+import queue
+import threading
 from dataclasses import dataclass, fields
 
 import torch
@@ -78,6 +83,7 @@ from loaders.spec import AugmentSpec
 _GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
 _NCOLS = 24                      # uniforms drawn per sample (see draw_params)
 _CPU_CHUNK = 16                  # images warped at a time on CPU
+_PIVOT_GRID = 32                 # points per side sampling the canvas for the contrast pivot
 
 
 @dataclass
@@ -108,6 +114,20 @@ class Params:
 
     def __len__(self) -> int:
         return self.flip.shape[0]
+
+    def __getitem__(self, sl: slice) -> "Params":
+        return Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
+
+
+@functools.lru_cache(maxsize=256)
+def _const_cached(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _const(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small constant on `device`, copied there once: a host->device copy of pageable
+    memory waits for the stream, which would stall CUDA's queue on every batch."""
+    return _const_cached(values, dtype, torch.device(device))
 
 
 def _factor_range(x: float) -> tuple[float, float]:
@@ -148,15 +168,14 @@ def draw_params(n: int, spec: AugmentSpec, generator: torch.Generator | None = N
     else:
         translate = u.new_zeros(n, 2)
 
-    start = torch.tensor([[0, 0], [S - 1, 0], [S - 1, S - 1], [0, S - 1]],
-                         dtype=torch.float64, device=device).expand(n, 4, 2)
+    start = _const(((0, 0), (S - 1, 0), (S - 1, S - 1), (0, S - 1)), torch.float64,
+                   device).expand(n, 4, 2)
     if spec.perspective:
         persp = u[:, 15] < spec.perspective_p
         half = S // 2
         bound = int(spec.perspective_distortion * half) + 1
         r = torch.floor(u[:, 16:24] * bound).view(n, 4, 2)
-        inward = torch.tensor([[0, 0], [-1, 0], [-1, -1], [0, -1]],      # tl, tr, br, bl
-                              dtype=torch.float64, device=device)
+        inward = _const(((0, 0), (-1, 0), (-1, -1), (0, -1)), torch.float64, device)  # tl tr br bl
         lo = torch.where(inward < 0, S - bound, 0.0)      # randint(S - bound, S) on those axes
         drawn = lo + r
         corners = torch.where(persp[:, None, None], drawn, start)
@@ -197,8 +216,7 @@ def _perspective_matrix(corners: torch.Tensor, S: int) -> torch.Tensor:
     adj = _mat([[e * ii - f * hh, c * hh - b * ii, b * f - c * e],
                 [f * gg - d * ii, a * ii - c * gg, c * d - a * f],
                 [d * hh - e * gg, b * gg - a * hh, a * e - b * d]])
-    scale = torch.tensor([[S - 1.0, 0, 0], [0, S - 1.0, 0], [0, 0, 1]],
-                         dtype=corners.dtype, device=corners.device)
+    scale = _const(((S - 1.0, 0, 0), (0, S - 1.0, 0), (0, 0, 1)), corners.dtype, corners.device)
     hm = scale @ adj
     return hm / hm[:, 2:3, 2:3]
 
@@ -207,12 +225,14 @@ def stage_matrices(p: Params, S: int) -> dict[str, torch.Tensor]:
     """(N,3,3) float64 maps from normalised output coordinates ([-1,1], half-pixel) to the
     normalised coordinates of each canvas the sequence reads from: 'crop' (the resized,
     flipped image: equal to the normalised source coordinates), 'rotate' (the crop's
-    output), 'translate' (the rotation's output), 'perspective' (the translation's output)."""
+    output), 'translate' (the rotation's output), 'perspective' (the translation's output).
+    'jitter' maps the canvas the colour jitter sees in the sequence (after flip, pad-crop and
+    rotation) to the source: its contrast pivot is that canvas's mean, black corners included."""
     n, dev, dt = len(p), p.angle.device, torch.float64
     eye = torch.eye(3, dtype=dt, device=dev).expand(n, 3, 3)
     half = S / 2
-    denorm = torch.tensor([[half, 0, half], [0, half, half], [0, 0, 1]], dtype=dt, device=dev)
-    norm = torch.tensor([[1 / half, 0, -1], [0, 1 / half, -1], [0, 0, 1]], dtype=dt, device=dev)
+    denorm = _const(((half, 0, half), (0, half, half), (0, 0, 1)), dt, dev)
+    norm = _const(((1 / half, 0, -1), (0, 1 / half, -1), (0, 0, 1)), dt, dev)
     persp = torch.where(p.perspective[:, None, None], _perspective_matrix(p.corners, S), eye)
     tx, ty = p.translate.unbind(-1)
     trans = _mat([[1, 0, -tx], [0, 1, -ty], [0, 0, 1]])
@@ -226,21 +246,25 @@ def stage_matrices(p: Params, S: int) -> dict[str, torch.Tensor]:
     m_p = persp @ denorm
     m_t = trans @ m_p
     m_r = rot @ m_t
-    return {"crop": norm @ flip @ crop @ m_r, "rotate": norm @ m_r,
-            "translate": norm @ m_t, "perspective": norm @ m_p}
+    pre_jitter = norm @ flip @ crop
+    return {"crop": pre_jitter @ m_r, "rotate": norm @ m_r,
+            "translate": norm @ m_t, "perspective": norm @ m_p,
+            "jitter": pre_jitter @ rot @ denorm}
 
 
-def grid_planes(theta: torch.Tensor, S: int, projective: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_planes(theta: torch.Tensor, S: int, projective: bool, out=None):
     """theta (N,3,3) applied to the half-pixel output grid: the normalised source x and y as
     two (N,S,S) float32 planes. Each is one broadcast sum of (N,1,S) and (N,S,1) rank-1
-    terms (contiguous inner dimension, so vectorised), plus one division when projective."""
+    terms (contiguous inner dimension, so vectorised), plus one division when projective.
+    `out`: optional three (N,S,S) buffers for x, y and the homogeneous z."""
     theta = theta.to(torch.float32)
     xs = (torch.arange(S, device=theta.device, dtype=torch.float32) * 2 + 1) / S - 1
     a = (theta[:, :, 0:1] * xs + theta[:, :, 2:3]).unsqueeze(2)    # (N,3,1,S): x terms + const
     b = (theta[:, :, 1:2] * xs).unsqueeze(3)                        # (N,3,S,1): y terms
-    gx, gy = a[:, 0] + b[:, 0], a[:, 1] + b[:, 1]
+    bx, by, bz = out if out is not None else (None, None, None)
+    gx, gy = torch.add(a[:, 0], b[:, 0], out=bx), torch.add(a[:, 1], b[:, 1], out=by)
     if projective:
-        z = a[:, 2] + b[:, 2]
+        z = torch.add(a[:, 2], b[:, 2], out=bz)
         gx, gy = gx.div_(z), gy.div_(z)
     return gx, gy
 
@@ -250,23 +274,37 @@ def grid_from(theta: torch.Tensor, S: int, projective: bool) -> torch.Tensor:
     return torch.stack(grid_planes(theta, S, projective), dim=-1)
 
 
-def _ramp(g: torch.Tensor, S: int) -> torch.Tensor:
-    half = S / 2
-    return g.abs().mul_(-half).add_(half + 0.5).clamp_(0, 1)
-
-
-def _coverage(gx: torch.Tensor, gy: torch.Tensor, S: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def _coverage_(gx: torch.Tensor, gy: torch.Tensor, S: int) -> torch.Tensor:
     """(N,S,S) fill weight of an S-canvas sampled at normalised coordinates (gx, gy), as
-    torchvision's tensor kernels apply it with fill=0.
+    torchvision's tensor kernels apply it with fill=0; computed IN PLACE in gx (gy is
+    clobbered too).
 
     Bilinear sampling with zero padding weights the in-canvas pixels by the coverage
     c = prod over axes of clamp(distance to the edge in pixels + 0.5, 0, 1), and equals c
     times the edge-clamped ("border") sample; torchvision then multiplies by its sampled
     ones-mask (c again) to apply the fill. So the sequence's result is border sample * c^2."""
-    cov = _ramp(gx, S).mul_(_ramp(gy, S))
-    cov = cov.mul_(cov)
-    return cov if out is None else out.mul_(cov)
+    half = S / 2
+    for g in (gx, gy):
+        g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
+    cov = gx.mul_(gy)
+    return cov.mul_(cov)
+
+
+class _Workspace(threading.local):
+    """Per-thread CPU buffers for one chunk, reused across calls: fresh multi-MB tensors
+    are page-faulted in on every allocation, which cost more than the arithmetic."""
+    key = None
+
+    def get(self, m: int, S: int) -> list[torch.Tensor]:
+        if self.key != (m, S):
+            self.key = (m, S)
+            self.planes = torch.empty((5, m, S, S))
+            self.grid = torch.empty((m, S, S, 2))
+            self.warped = torch.empty((m, 3, S, S))
+        return self.planes, self.grid, self.warped
+
+
+_WORK = _Workspace()
 
 
 # ---------------------------------------------------------------------------- colour
@@ -275,13 +313,17 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return x[:, 0:1].mul(_GRAY[0]).add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
 
 
-def _blend(x: torch.Tensor, f, a, b, clamp: bool = True) -> torch.Tensor:
+def _blend(x: torch.Tensor, f, a, b, clamp: bool = True, canvas=None) -> torch.Tensor:
     """x <- f*x + (1-f)*(a*gray + b*mean(gray)), per-sample (N,) f, a, b; clamped to [0,1].
-    brightness: (f,0,0); contrast: (f,0,1); saturation: (f,1,0); grayscale: (0,1,0)."""
+    brightness: (f,0,0); contrast: (f,0,1); saturation: (f,1,0); grayscale: (0,1,0).
+    `canvas`: a coarse grid of the sequence's canvas at the jitter (see stage_matrices):
+    the mean is taken there, zero fill included, as torchvision's contrast does."""
     v = lambda t: t.to(x.dtype).view(-1, 1, 1, 1)  # noqa: E731
     g = _gray(x)
     w = 1 - f
-    base = torch.addcmul(v(b * w) * g.mean(dim=(2, 3), keepdim=True), g, v(a * w))
+    seen = g if canvas is None else F.grid_sample(g, canvas, mode="bilinear", padding_mode="zeros",
+                                                  align_corners=False)
+    base = torch.addcmul(v(b * w) * seen.mean(dim=(2, 3), keepdim=True), g, v(a * w))
     out = torch.addcmul(base, x, v(f))
     return out.clamp_(0, 1) if clamp else out
 
@@ -289,8 +331,8 @@ def _blend(x: torch.Tensor, f, a, b, clamp: bool = True) -> torch.Tensor:
 def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, -> RGB), per-sample shift."""
     r, g, b = x.unbind(1)
-    minc, maxc = torch.aminmax(x, dim=1)
-    c = maxc - minc
+    maxc = torch.maximum(torch.maximum(r, g), b)      # on planes: ~7x faster than aminmax(dim=1)
+    c = maxc - torch.minimum(torch.minimum(r, g), b)
     safe = torch.where(c > 0, c, torch.ones_like(c))
     h6 = torch.where(maxc == r, (g - b) / safe,
                      torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
@@ -303,8 +345,15 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def colour(x: torch.Tensor, p: Params, spec: AugmentSpec) -> torch.Tensor:
-    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1]."""
+def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Tensor:
+    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1].
+
+    `mats` (from stage_matrices): take the contrast pivot over the sequence's canvas at the
+    jitter (flip, pad-crop and rotation applied, black corners included) sampled on a 32x32
+    grid, instead of over the whole source image."""
+    canvas = None
+    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
+        canvas = grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
     if spec.jitter:
         order = p.order
         is_hue = order == 3
@@ -318,7 +367,7 @@ def colour(x: torch.Tensor, p: Params, spec: AugmentSpec) -> torch.Tensor:
         def pass_(j, active):
             op = lin[:, j]
             f = torch.where(active, facs.gather(1, op[:, None])[:, 0], one)
-            return _blend(x, f, (op == 2) & active, (op == 1) & active)
+            return _blend(x, f, (op == 2) & active, (op == 1) & active, canvas=canvas)
 
         for j in range(3):
             x = pass_(j, j < hpos if use_hue else torch.ones_like(p.flip))
@@ -335,13 +384,71 @@ def colour(x: torch.Tensor, p: Params, spec: AugmentSpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------- entry points
 
 def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,H,W,3) or (N,3,H,W) -> float32 NCHW in [0,1] (a channels_last view for NHWC)."""
+    """uint8 (N,H,W,3) or (N,3,H,W) -> contiguous float32 NCHW in [0,1]."""
     if images.dim() != 4:
         raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(images.shape)}")
     x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.shape[1] != 3 else images
     if x.shape[1] != 3:
         raise ValueError(f"expected 3-channel RGB images, got shape {tuple(images.shape)}")
-    return x.to(torch.float32).mul_(1 / 255) if x.dtype == torch.uint8 else x.to(torch.float32)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)   # planes: per-channel ops vectorise
+    return x.mul_(1 / 255) if images.dtype == torch.uint8 else x
+
+
+class _CpuPool:
+    """k worker threads whose torch ops run single-threaded, for splitting a batch.
+
+    Why: on CPU, intra-op (OpenMP) parallelism pays a barrier per op, and this pipeline is
+    a few hundred small ops per batch; on a shared machine a descheduled team thread
+    stalls every one of them (measured here: 2 OpenMP threads ran ~7x SLOWER than 1 on
+    the contended 2-core box). Coarse parallelism, one independent range of the batch per
+    thread, has no per-op barrier. `torch.set_num_threads` is per OpenMP thread plus one
+    process-wide default, so the workers set 1 for themselves and the caller's setting is
+    restored before the pool is used."""
+
+    def __init__(self, k: int):
+        caller = torch.get_num_threads()
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.ok = [False] * k
+        ready = threading.Barrier(k + 1)
+        for i in range(k):
+            threading.Thread(target=self._run, args=(i, ready), daemon=True,
+                             name=f"augment-{i}").start()
+        ready.wait()
+        torch.set_num_threads(caller)
+        self.k = k if all(self.ok) else 1     # the per-thread setting did not stick: no split
+
+    def _run(self, i: int, ready: threading.Barrier) -> None:
+        torch.get_num_threads()               # initialise this thread's setting first...
+        torch.set_num_threads(1)              # ...so that this one is not overridden later
+        self.ok[i] = torch.get_num_threads() == 1
+        ready.wait()
+        while True:
+            fn, fut = self.tasks.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:        # re-raised in the caller
+                fut.set_exception(e)
+
+    def run(self, fns) -> list:
+        futs = [concurrent.futures.Future() for _ in fns]
+        for fn, fut in zip(fns, futs):
+            self.tasks.put((fn, fut))
+        return [f.result() for f in futs]
+
+
+_POOL: dict[tuple[int, int], _CpuPool] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _cpu_pool() -> _CpuPool | None:
+    k = torch.get_num_threads()
+    if k <= 1 or threading.current_thread().name.startswith("augment-"):
+        return None
+    key = (k, os.getpid())                    # a forked child gets threads of its own
+    with _POOL_LOCK:
+        if key not in _POOL:
+            _POOL[key] = _CpuPool(k)
+        return _POOL[key] if _POOL[key].k > 1 else None
 
 
 def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
@@ -351,42 +458,71 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     n, S, dev = x.shape[0], spec.size, x.device
     if x.shape[-2] > S or x.shape[-1] > S:          # shrink first: bilinear sampling would alias
         x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    inv_std = 1 / torch.tensor(spec.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    if p is not None:
-        p = p.to(dev)
-        x = colour(x, p, spec)
-    x = x * inv_std                                  # fill 0 stays 0; bias added at the end
-    out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
-    bias = -mean * inv_std
     geometric = p is not None and any(getattr(spec, a) for a in
                                       ("flip", "crop", "rotate", "translate", "perspective"))
-    if not geometric:
-        if x.shape[-2:] != (S, S):
-            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
-        return torch.add(x, bias, out=out)
-    mats = stage_matrices(p, S)
-    x = x.contiguous()
+    mats = None
+    if p is not None:
+        p = p.to(dev)
+        mats = stage_matrices(p, S) if geometric else None
+    if not geometric and x.shape[-2:] != (S, S):    # resize only: identity in normalised coords
+        mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
+    out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
+    job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping)
+    pool = _cpu_pool() if dev.type == "cpu" and n >= 4 * _CPU_CHUNK else None
+    if pool is None:
+        job(0, n)
+    else:                    # one contiguous range per thread, aligned to the warp chunks
+        per = -(-n // (pool.k * _CPU_CHUNK)) * _CPU_CHUNK
+        pool.run([functools.partial(job, i, min(n, i + per)) for i in range(0, n, per)])
+    return out
+
+
+def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_all,
+                 geometric: bool, emulate_clipping: bool, lo: int, hi: int) -> None:
+    """Colour, warp and normalise images lo..hi of the batch into out_all[lo:hi]."""
+    x, out, S, dev = x_all[lo:hi], out_all[lo:hi], spec.size, x_all.device
+    p = None if p_all is None else p_all[lo:hi]
+    mats = None if mats_all is None else {k: v[lo:hi] for k, v in mats_all.items()}
+    mean = _const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
+    inv_std = _const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
+    bias = -mean * inv_std
+    if p is not None:
+        x = colour(x, p, spec, mats if geometric else None)
+    x = (x * inv_std).contiguous()                   # fill 0 stays 0; bias added at the end
+    if mats is None:                                 # already S x S, nothing to resample
+        out.copy_(x.add_(bias))
+        return
+    n = x.shape[0]
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
-                                ("perspective", spec.perspective)) if on and emulate_clipping]
-    # CPU: chunks keep every temporary small (cache-resident, and reused by malloc instead
-    # of being page-faulted in afresh each batch, which cost ~40% of the time unchunked).
+                                ("perspective", spec.perspective)) if on and emulate_clipping
+              and geometric]
+    # CPU: chunks of a few images through reused buffers keep every temporary in cache
+    # and avoid page-faulting fresh memory each batch (about 2x faster than one pass over
+    # the batch). CUDA: the whole batch at once, buffers from the caching allocator.
     step = n if dev.type != "cpu" else _CPU_CHUNK
-    grid = torch.empty((min(n, step), S, S, 2), device=dev)     # reused across chunks
+    m0 = min(n, step)
+    if dev.type == "cpu":
+        planes, grid, warped = _WORK.get(m0, S)
+    else:
+        planes = torch.empty((5, m0, S, S), device=dev)
+        grid = torch.empty((m0, S, S, 2), device=dev)
+        warped = torch.empty((m0, 3, S, S), device=dev)
+    proj = spec.perspective and geometric
     for i in range(0, n, step):
         sl, m = slice(i, min(n, i + step)), min(n, i + step) - i
-        gx, gy = grid_planes(mats["crop"][sl], S, spec.perspective)
-        mask = _coverage(gx, gy, S)
-        for st in stages:
-            _coverage(*grid_planes(mats[st][sl], S, spec.perspective), S, out=mask)
-        g = grid[:m]
+        P, g, w = planes[:, :m], grid[:m], warped[:m]
+        gx, gy = grid_planes(mats["crop"][sl], S, proj, out=(P[0], P[1], P[2]))
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
-        warped = F.grid_sample(x[sl], g, mode="bilinear", padding_mode="border",
-                               align_corners=False)
-        torch.addcmul(bias, warped, mask.unsqueeze(1), out=warped)
-        out[sl].copy_(warped)                    # NCHW -> channels_last (+ dtype) in one copy
-    return out
+        torch.ops.aten.grid_sampler_2d.out(x[sl], g, 0, 1, False, out=w)   # bilinear, border
+        if geometric:                            # (a plain resize never leaves the canvas)
+            mask = _coverage_(gx, gy, S)         # in P[0]
+            for st in stages:                    # the sequence's intermediate canvases
+                mask.mul_(_coverage_(*grid_planes(mats[st][sl], S, proj, out=(P[2], P[3], P[4])), S))
+            torch.addcmul(bias, w, mask.unsqueeze(1), out=w)
+        else:
+            w.add_(bias)
+        out[sl].copy_(w)                         # NCHW -> channels_last (+ dtype) in one copy
 
 
 def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
