@@ -20,5 +20,6 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # --- sections (one per feature; keep each short) ---
 section kernels_tests $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py   # fused kernels on CUDA (~1 min)
 section kernels_bench $PY -m benchmarks.kernels --json "$OUT/kernels.json"           # fused vs eager vs inductor (~2-3 min)
+section dali bash -c "if ! $PY -c 'import nvidia.dali' 2>/dev/null; then echo 'skip: nvidia.dali is not importable here (carry the nvidia-dali-cuda130 wheel to run the DALI GPU checks)'; exit 0; fi; $PY -m pytest -q -p no:cacheprovider tests/test_dali.py || exit 1; data=synthetic; [ -f ../shared/datasets/cifar10-jpeg.tar.gz ] && data=shared; $PY -m benchmarks.throughput --data \$data --cache-dir /tmp/gpu_check_cache --loaders dali --device cuda --batches 16 --json $OUT/dali_throughput.json"   # DALI GPU decode + augment: tests on CUDA, then throughput vs torchvision (~2-3 min)
 
 exit $status
