@@ -536,3 +536,46 @@ def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator 
     p = draw_params(images.shape[0], spec, generator,
                     device=generator.device if generator is not None else images.device)
     return apply(images, spec, p, dtype, emulate_clipping)
+
+
+def _main(argv=None) -> None:
+    """Augmentation-only throughput on an in-memory uint8 batch (no data loading):
+    python -m loaders.augment [--device cuda] [--size 128] [--source 32] [--batch-size 256]"""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=128, help="training size")
+    ap.add_argument("--source", type=int, default=32, help="stored image size (CIFAR: 32)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    a = ap.parse_args(argv)
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randint(0, 256, (a.batch_size, a.source, a.source, 3), dtype=torch.uint8,
+                      generator=g, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    spec = AugmentSpec(size=a.size)
+    for name, kw in (("full spec, keep content", {}), ("full spec, emulate clipping",
+                     {"emulate_clipping": True}), ("augment off (resize + normalise)",
+                                                   {"train": False})):
+        for _ in range(3):
+            augment(x, spec, g, dtype, **kw)
+        times = []
+        for _ in range(3):
+            sync()
+            t = time.perf_counter()
+            for _ in range(a.batches):
+                augment(x, spec, g, dtype, **kw)
+            sync()
+            times.append(time.perf_counter() - t)
+        best = sorted(times)[1]
+        print(f"augment-only {name:34s} {a.source}->{a.size}px batch {a.batch_size} on {dev} "
+              f"({a.dtype}, {torch.get_num_threads()} threads): "
+              f"{a.batches * a.batch_size / best:,.0f} images/s")
+
+
+if __name__ == "__main__":
+    _main()
