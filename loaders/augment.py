@@ -300,8 +300,7 @@ class _Workspace(threading.local):
             self.key = (m, S)
             self.planes = torch.empty((5, m, S, S))
             self.grid = torch.empty((m, S, S, 2))
-            self.warped = torch.empty((m, 3, S, S))
-        return self.planes, self.grid, self.warped
+        return self.planes, self.grid
 
 
 _WORK = _Workspace()
@@ -502,19 +501,18 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     step = n if dev.type != "cpu" else _CPU_CHUNK
     m0 = min(n, step)
     if dev.type == "cpu":
-        planes, grid, warped = _WORK.get(m0, S)
+        planes, grid = _WORK.get(m0, S)
     else:
         planes = torch.empty((5, m0, S, S), device=dev)
         grid = torch.empty((m0, S, S, 2), device=dev)
-        warped = torch.empty((m0, 3, S, S), device=dev)
     proj = spec.perspective and geometric
     for i in range(0, n, step):
         sl, m = slice(i, min(n, i + step)), min(n, i + step) - i
-        P, g, w = planes[:, :m], grid[:m], warped[:m]
+        P, g = planes[:, :m], grid[:m]
         gx, gy = grid_planes(mats["crop"][sl], S, proj, out=(P[0], P[1], P[2]))
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
-        torch.ops.aten.grid_sampler_2d.out(x[sl], g, 0, 1, False, out=w)   # bilinear, border
+        w = torch.grid_sampler_2d(x[sl], g, 0, 1, False)   # bilinear, border, half-pixel
         if geometric:                            # (a plain resize never leaves the canvas)
             mask = _coverage_(gx, gy, S)         # in P[0]
             for st in stages:                    # the sequence's intermediate canvases
