@@ -453,6 +453,8 @@ def _cpu_pool() -> _CpuPool | None:
 def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
           dtype: torch.dtype = torch.float32, emulate_clipping: bool = False) -> torch.Tensor:
     """`augment` with given parameters (None: no augmentation, resize + normalise only)."""
+    if p is None and images.dtype == torch.uint8 and images.device.type == "cpu":
+        return _resize_uint8(images, spec, dtype)
     x = to_float_nchw(images)
     n, S, dev = x.shape[0], spec.size, x.device
     if x.shape[-2] > S or x.shape[-1] > S:          # shrink first: bilinear sampling would alias
@@ -474,6 +476,22 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
         per = -(-n // (pool.k * _CPU_CHUNK)) * _CPU_CHUNK
         pool.run([functools.partial(job, i, min(n, i + per)) for i in range(0, n, per)])
     return out
+
+
+def _resize_uint8(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -> torch.Tensor:
+    """CPU resize + normalise: torch's uint8 antialiased bilinear kernel (the one the
+    reference's Resize runs, so the result is the reference's to the bit), then one fused
+    scale-and-shift into the channels_last output."""
+    S = spec.size
+    x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.shape[1] != 3 else images
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[-2:] != (S, S):
+        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+    scale = _const(tuple(1 / (255 * s) for s in spec.std), torch.float32, x.device).view(1, 3, 1, 1)
+    bias = _const(tuple(-m / s for m, s in zip(spec.mean, spec.std)), torch.float32,
+                  x.device).view(1, 3, 1, 1)
+    out = torch.empty((x.shape[0], 3, S, S), dtype=dtype, memory_format=torch.channels_last)
+    return torch.addcmul(bias, x, scale, out=out)
 
 
 def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_all,

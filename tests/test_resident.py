@@ -1,8 +1,9 @@
 """The device-resident loader: protocol, epoch coverage, sharding, determinism, capacity,
 and equality with the reference loader when augmentation is off.
 
-Augment-off tolerance: max 1 uint8 step, mean <= 0.5 step (the reference resizes in uint8
-with torchvision's fixed-point kernel and rounds; we resize in float32)."""
+Augment-off tolerance on CPU: 0.01 uint8 step (both run torch's uint8 antialiased resize,
+then normalise in float32); on CUDA the resize runs in float32: within 1 step of the
+reference's rounded uint8 (tests/test_augment.py)."""
 from __future__ import annotations
 
 import pytest
@@ -94,7 +95,7 @@ def compare_with_reference(split, spec, o, batches):
     for (xr, yr), (xo, yo) in zip(ref, res):
         assert torch.equal(yr, yo)                                   # labels aligned
         d = (xr.float() - xo.float()).abs() * m                      # uint8 units
-        assert d.max() <= 1.001 and d.mean() <= 0.5, (d.max(), d.mean())
+        assert d.max() <= 0.01, d.max()
         n += 1
         if n == batches:
             break
