@@ -12,9 +12,30 @@ source's fingerprint, the classes, and per split the image paths, labels and siz
 rebuilt only when the fingerprint changes and always written atomically. Loaders read
 `Split.paths`/`Split.labels` (DALI's file reader, the FFCV .beton writer) or
 `decoded(split)` (one uint8 NHWC array, cached as .npy, for the device-resident loader).
+
+Bad data (imagefolder). Images that can be converted are: grayscale, RGBA (composited on
+black), palette, 16-bit and other formats become RGB PNG in the cache, once; tiny (1x1) and
+large images are kept as they are (each loader resizes). Everything else is skipped and
+reported with a reason: zero-byte, truncated or corrupt files, files with an image
+extension but other content, files that cannot be read (permissions, I/O errors), broken
+symlinks, symlink loops, and anything with an image extension that is not a regular file
+(a FIFO would block a reader forever). A class folder with no usable image in either split
+is dropped from the class list of BOTH splits (labels stay consistent) and reported. Files
+without an image extension and hidden files are ignored, as torchvision's ImageFolder
+does. `Dataset.report()` is the list of (path, reason); `load_dataset(..., strict=True)`
+turns a non-empty report into a one-line ConfigError instead.
+
+Concurrency and full disks: the check-and-build runs under an exclusive lock on
+`<cache>/.lock` (every torchrun rank calls `load_dataset`; the first builds, the others
+wait and reuse). A rebuild writes into a new `files-<fingerprint>` folder and the manifest
+is swapped in last, so a failure part-way (a full disk, a kill) leaves the previous cache
+and its manifest usable; the error says so.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -22,6 +43,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +53,7 @@ from PIL import Image, ImageDraw
 
 from loaders.fsutil import ConfigError, atomic_path, atomic_write
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2            # 2: files-<fingerprint> folders, skip reasons, dropped classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 SYNTHETIC_CLASSES = ("disc", "square", "triangle", "ring", "cross",
                      "stripes", "checker", "dots", "frame", "crescent")
@@ -66,25 +88,51 @@ class Dataset:
     val: Split
     cache_dir: Path
     fingerprint: str
-    skipped: tuple[str, ...] = field(default=())
+    skipped: tuple[str, ...] = field(default=())        # paths of bad items (files, folders)
+    skip_reasons: tuple[str, ...] = field(default=())   # one reason per entry of `skipped`
+    dropped_classes: tuple[str, ...] = field(default=())
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def report(self) -> list[dict]:
+        """The bad-data report: one {path, reason} per skipped file or dropped class folder."""
+        reasons = self.skip_reasons or ("unusable",) * len(self.skipped)
+        return [{"path": p, "reason": r} for p, r in zip(self.skipped, reasons)]
+
+
+def strict_error(ds: Dataset, limit: int = 10) -> ConfigError:
+    """The one-line --strict error listing the bad items (the first `limit`)."""
+    rep = ds.report()
+    shown = "; ".join(f"{r['path']} ({r['reason']})" for r in rep[:limit])
+    more = f"; ... and {len(rep) - limit} more (all listed in {ds.cache_dir / 'manifest.json'})" \
+        if len(rep) > limit else ""
+    return ConfigError(f"--strict: {len(rep)} bad item(s) in {ds.source}: {shown}{more}; "
+                       "fix or remove them, or run without --strict to skip them")
+
 
 # ---------------------------------------------------------------------------- public API
 
 def load_dataset(source: str, cache_root: str | os.PathLike = ".cache",
-                 synthetic: SyntheticConfig = SyntheticConfig()) -> Dataset:
-    """Parse `source`, ingest it into the cache if needed, and return the cached dataset."""
+                 synthetic: SyntheticConfig = SyntheticConfig(), strict: bool = False) -> Dataset:
+    """Parse `source`, ingest it into the cache if needed, and return the cached dataset.
+
+    `strict`: a dataset with bad items (see the module docstring) is a ConfigError."""
+    ds = _load_dataset(source, cache_root, synthetic)
+    if strict and ds.skipped:
+        raise strict_error(ds)
+    return ds
+
+
+def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Dataset:
     kind, _, arg = source.partition(":")
     if kind == "synthetic":
         if arg:
             raise ConfigError(f"--data synthetic takes no path (got {source!r}); use --data synthetic")
         fingerprint = _hash(repr(synthetic))
         cache_dir = Path(cache_root) / f"synthetic-{fingerprint[:10]}"
-        return _cached(source, cache_dir, fingerprint, lambda d: _build_synthetic(d, synthetic))
+        return _cached(source, cache_dir, fingerprint, lambda d, files: _build_synthetic(d, files, synthetic))
     if kind in ("imagefolder", "cifar10"):
         if not arg:
             raise ConfigError(f"--data {kind} needs a path: --data {kind}:PATH")
@@ -92,12 +140,13 @@ def load_dataset(source: str, cache_root: str | os.PathLike = ".cache",
         if not root.is_dir():
             raise ConfigError(f"--data {source}: {root} is not a directory; pass an existing folder")
         if kind == "imagefolder":
-            fingerprint = _imagefolder_fingerprint(root)
-            build = lambda d: _build_imagefolder(d, root)  # noqa: E731
+            scan = _scan_imagefolder(root)
+            fingerprint = _imagefolder_fingerprint(scan)
+            build = lambda d, files: _build_imagefolder(d, files, root, scan)  # noqa: E731
         else:
             root = _cifar_root(root)
             fingerprint = _files_fingerprint(sorted(root.glob("*_batch*")))
-            build = lambda d: _build_cifar10(d, root)  # noqa: E731
+            build = lambda d, files: _build_cifar10(d, files, root)  # noqa: E731
         cache_dir = Path(cache_root) / f"{kind}-{_hash(str(root))[:10]}"
         return _cached(source, cache_dir, fingerprint, build)
     raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH or cifar10:PATH")
@@ -119,41 +168,78 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
     out = split.cache_dir / f"{split.name}-decoded-{h}x{w}.npy"
     key = _hash("\n".join(split.paths))[:12]
     meta = out.with_suffix(".key")
-    if out.exists() and meta.exists() and meta.read_text() == key:
+    with _lock(split.cache_dir):
+        if out.exists() and meta.exists() and meta.read_text() == key:
+            return np.load(out, mmap_mode="r")
+        arr = np.empty((len(split), h, w, 3), np.uint8)
+        for i, p in enumerate(split.paths):
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                arr[i] = np.asarray(im)
+        try:
+            with atomic_path(out) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+            atomic_write(meta, key)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise ConfigError(f"disk full writing the decoded cache {out} ({e.strerror}); the previous "
+                                  f"file there, if any, is intact; free space or use another --cache-dir") from None
+            raise
         return np.load(out, mmap_mode="r")
-    arr = np.empty((len(split), h, w, 3), np.uint8)
-    for i, p in enumerate(split.paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            arr[i] = np.asarray(im)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-    atomic_write(meta, key)
-    return np.load(out, mmap_mode="r")
 
 
 # ----------------------------------------------------------------------------- the cache
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _lock(cache_dir: Path):
+    """Exclusive lock on <cache_dir>/.lock for the check-and-build (ranks, parallel runs)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:
     manifest_path = cache_dir / "manifest.json"
-    m = None
-    if manifest_path.exists():
-        try:
-            m = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            m = None
-    if not m or m.get("fingerprint") != fingerprint or m.get("version") != MANIFEST_VERSION:
-        # Rebuild from scratch: stale files from an older source must not leak in.
-        files_dir = cache_dir / "files"
-        if files_dir.exists():
-            shutil.rmtree(files_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        m = build(cache_dir)
-        m.update(version=MANIFEST_VERSION, fingerprint=fingerprint, source=source)
-        atomic_write(manifest_path, json.dumps(m))
+    with _lock(cache_dir):
+        m = None
+        if manifest_path.exists():
+            try:
+                m = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                m = None
+        if not m or m.get("fingerprint") != fingerprint or m.get("version") != MANIFEST_VERSION:
+            # Rebuild into a fresh folder (stale files from an older source must not leak
+            # in); the previous folder and manifest stay until the new manifest is in place.
+            files_dir = cache_dir / f"files-{fingerprint[:12]}"
+            if files_dir.exists():              # left by a build that was killed
+                shutil.rmtree(files_dir)
+            try:
+                files_dir.mkdir(parents=True)
+                new = build(cache_dir, files_dir)
+                new.update(version=MANIFEST_VERSION, fingerprint=fingerprint, source=source)
+                atomic_write(manifest_path, json.dumps(new))
+            except OSError as e:
+                shutil.rmtree(files_dir, ignore_errors=True)
+                if e.errno in DISK_FULL:
+                    kept = ("the previous cache there is intact and still usable for the previous "
+                            "version of the source" if m else "nothing was kept")
+                    raise ConfigError(f"disk full while writing the dataset cache {cache_dir} ({e.strerror}); "
+                                      f"{kept}; free space or point --cache-dir at another disk") from None
+                raise
+            m = new
+            for old in [cache_dir / "files", *cache_dir.glob("files-*")]:
+                if old.is_dir() and old != files_dir:
+                    shutil.rmtree(old, ignore_errors=True)
     return _from_manifest(m, cache_dir)
 
 
@@ -163,8 +249,10 @@ def _from_manifest(m: dict, cache_dir: Path) -> Dataset:
         s = m["splits"][name]
         paths = tuple(str((cache_dir / p) if not os.path.isabs(p) else p) for p in s["paths"])
         splits[name] = Split(name, paths, tuple(s["labels"]), tuple(map(tuple, s["sizes"])), cache_dir)
+    skipped = [tuple(e) if isinstance(e, (list, tuple)) else (e, "unusable") for e in m.get("skipped", ())]
     return Dataset(m["source"], tuple(m["classes"]), splits["train"], splits["val"], cache_dir,
-                   m["fingerprint"], tuple(m.get("skipped", ())))
+                   m["fingerprint"], tuple(p for p, _ in skipped), tuple(r for _, r in skipped),
+                   tuple(m.get("dropped_classes", ())))
 
 
 def _hash(text: str) -> str:
@@ -190,70 +278,181 @@ def _split_dirs(root: Path) -> tuple[Path, Path]:
     return train, val
 
 
-def _list_images(split_dir: Path) -> dict[str, list[Path]]:
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+@dataclass
+class _Scan:
+    """What an imagefolder split holds: image files per class, and bad entries."""
+    per_class: dict[str, list[Path]]
+    bad: list[tuple[str, str]]          # (path, reason)
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why a directory entry cannot be followed/read as a file or folder, or None."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if path.is_symlink():
+            return "broken symlink"
+        return f"unreadable ({e.strerror})"
+    return None
+
+
+def _walk_class(class_dir: Path, bad: list, ancestors: set) -> list[Path]:
+    """Image files under `class_dir`, recursively, following symlinks once: a folder
+    reached again (a symlink loop, a link to the split folder, or a second link to the same
+    folder) is reported, not descended. `ancestors`: (dev, inode) of the split folders."""
+    files, seen, stack = [], set(ancestors), [class_dir]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            bad.append((str(d), f"unreadable folder ({e.strerror})"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            bad.append((str(d), "symlink loop (links back to a folder already listed)"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            image_ext = p.suffix.lower() in IMAGE_EXTENSIONS
+            problem = _entry_problem(p) if e.is_symlink() else None
+            if problem:
+                bad.append((str(p), problem))
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except OSError as err:
+                bad.append((str(p), f"unreadable ({err.strerror})"))
+                continue
+            if stat.S_ISDIR(mode):
+                subdirs.append(p)
+            elif image_ext:
+                if stat.S_ISREG(mode):
+                    files.append(p)
+                else:
+                    bad.append((str(p), "not a regular file"))
+        stack.extend(reversed(subdirs))
+    return sorted(files)
+
+
+def _scan_split(split_dir: Path) -> _Scan:
+    bad: list = []
+    classes = []
+    for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if e.name.startswith("."):
+            continue
+        p = Path(e.path)
+        if e.is_symlink() and (problem := _entry_problem(p)):
+            bad.append((str(p), problem))
+        elif p.is_dir():
+            classes.append(e.name)
     if not classes:
         raise ConfigError(f"{split_dir} has no class folders; put images in {split_dir}/<class>/")
-    out = {}
-    for c in classes:
-        files = sorted(p for p in (split_dir / c).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        out[c] = files
-    return out
+    st = split_dir.stat()
+    root = split_dir.parent.stat()
+    ancestors = {(st.st_dev, st.st_ino), (root.st_dev, root.st_ino)}
+    return _Scan({c: _walk_class(split_dir / c, bad, ancestors) for c in classes}, bad)
 
 
-def _imagefolder_fingerprint(root: Path) -> str:
+def _scan_imagefolder(root: Path) -> dict[str, _Scan]:
     train, val = _split_dirs(root)
-    files = [f for d in (train, val) for fs in _list_images(d).values() for f in fs]
-    return _files_fingerprint(files)
-
-
-def _build_imagefolder(cache_dir: Path, root: Path) -> dict:
-    train_dir, val_dir = _split_dirs(root)
-    listed = {"train": _list_images(train_dir), "val": _list_images(val_dir)}
-    classes = list(listed["train"])
-    if list(listed["val"]) != classes:
-        only_train = sorted(set(classes) - set(listed["val"]))
-        only_val = sorted(set(listed["val"]) - set(classes))
-        raise ConfigError(f"class folders differ between {train_dir} and {val_dir}: only in train "
+    scan = {"train": _scan_split(train), "val": _scan_split(val)}
+    classes, val_classes = list(scan["train"].per_class), list(scan["val"].per_class)
+    if val_classes != classes:
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise ConfigError(f"class folders differ between {train} and {val}: only in train "
                           f"{only_train}, only in val {only_val}; make both hold the same class folders")
-    for name, per_class in listed.items():
-        empty = [c for c, fs in per_class.items() if not fs]
-        if empty:
-            raise ConfigError(f"empty class folder(s) {empty} in {root / ('train' if name == 'train' else val_dir.name)}; "
-                              "add images or remove the folder from both splits")
-    splits, skipped = {}, []
-    files_dir = cache_dir / "files"
-    for name, per_class in listed.items():
+    return scan
+
+
+def _imagefolder_fingerprint(scan: dict[str, _Scan]) -> str:
+    rows = []
+    for name, sc in scan.items():
+        rows.append(f"{name}\t{sorted(sc.per_class)}")
+        for fs in sc.per_class.values():
+            for f in fs:
+                st = f.stat()
+                rows.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
+        rows += [f"bad\t{p}\t{r}" for p, r in sc.bad]
+    return _hash("\n".join(rows))
+
+
+def _build_imagefolder(cache_dir: Path, files_dir: Path, root: Path, scan: dict[str, _Scan]) -> dict:
+    classes = list(scan["train"].per_class)
+    bad = [b for sc in scan.values() for b in sc.bad]
+    kept: dict[str, dict[str, list]] = {}
+    for name, sc in scan.items():
+        kept[name] = {}
+        for c in classes:
+            rows = []
+            for f in sc.per_class[c]:
+                path, info = _ingest_image(f, files_dir / name / c)
+                if path is None:
+                    bad.append((str(f), info))
+                else:
+                    rows.append((str(path), info))
+            kept[name][c] = rows
+    # A class with no usable image in a split is dropped from both (consistent labels).
+    dropped = []
+    split_dirs = dict(zip(("train", "val"), _split_dirs(root)))
+    for c in classes:
+        empty = [n for n in ("train", "val") if not kept[n][c]]
+        if not empty:
+            continue
+        dropped.append(c)
+        for n in empty:
+            listed = len(scan[n].per_class[c])
+            what = "empty class folder" if not listed else f"no usable image among {listed} file(s)"
+            others = [o for o in ("train", "val") if o != n and kept[o][c]]
+            unused = f" ({len(kept[others[0]][c])} {others[0]} image(s) unused)" if others else ""
+            bad.append((str(split_dirs[n] / c), f"{what}: class {c!r} dropped from both splits{unused}"))
+    final = [c for c in classes if c not in dropped]
+    if not final:
+        raise ConfigError(f"imagefolder {root} has no class with usable images in both splits "
+                          f"({len(bad)} bad item(s), e.g. {bad[0][0]}: {bad[0][1]}); add images")
+    splits = {}
+    for name in ("train", "val"):
         paths, labels, sizes = [], [], []
-        for label, c in enumerate(classes):
-            for f in per_class[c]:
-                ok = _ingest_image(f, files_dir / name / c)
-                if ok is None:
-                    skipped.append(str(f))
-                    continue
-                path, hw = ok
-                paths.append(str(path))
+        for label, c in enumerate(final):
+            for path, hw in kept[name][c]:
+                paths.append(path)
                 labels.append(label)
                 sizes.append(hw)
         splits[name] = {"paths": paths, "labels": labels, "sizes": sizes}
-    return {"classes": classes, "splits": splits, "skipped": skipped}
+    return {"classes": final, "splits": splits, "skipped": [list(b) for b in bad],
+            "dropped_classes": dropped}
 
 
 def _ingest_image(path: Path, convert_dir: Path):
-    """Return (path a loader can read, (h, w)), or None for a file that is not an image.
+    """(path a loader can read, (h, w)) or (None, why the file is skipped).
 
     Plain 8-bit RGB JPEG/PNG files are used in place; any other decodable image
     (grayscale, RGBA, palette, 16-bit, other formats) is converted once to RGB PNG."""
     try:
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
         with Image.open(path) as im:
             im.load()
             fmt, mode = im.format, im.mode
             if fmt in ("JPEG", "PNG") and mode == "RGB":
                 return path, (im.height, im.width)
             rgb = _to_rgb(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    except Image.UnidentifiedImageError:
+        return None, "not an image (unrecognised content)"
+    except Image.DecompressionBombError as e:
+        return None, f"too large ({e})"
+    except PermissionError as e:
+        return None, f"unreadable ({e.strerror})"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return None, f"truncated or corrupt image ({text})"
     convert_dir.mkdir(parents=True, exist_ok=True)
     out = convert_dir / (path.stem + "-" + _hash(str(path))[:8] + ".png")
     with atomic_path(out) as tmp:
@@ -284,7 +483,7 @@ def _cifar_root(root: Path) -> Path:
                       "holding the python pickle batches (cifar-10-batches-py)")
 
 
-def _build_cifar10(cache_dir: Path, root: Path) -> dict:
+def _build_cifar10(cache_dir: Path, files_dir: Path, root: Path) -> dict:
     meta = root / "batches.meta"
     if meta.exists():
         with open(meta, "rb") as f:
@@ -297,7 +496,7 @@ def _build_cifar10(cache_dir: Path, root: Path) -> dict:
     splits = {}
     for name, files in batches.items():
         paths, labels = [], []
-        out_dir = cache_dir / "files" / name
+        out_dir = files_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
         for bf in files:
             with open(bf, "rb") as f:
@@ -314,12 +513,12 @@ def _build_cifar10(cache_dir: Path, root: Path) -> dict:
 
 # ----------------------------------------------------------------------------- synthetic
 
-def _build_synthetic(cache_dir: Path, cfg: SyntheticConfig) -> dict:
+def _build_synthetic(cache_dir: Path, files_dir: Path, cfg: SyntheticConfig) -> dict:
     splits = {}
     for si, (name, per_class) in enumerate((("train", cfg.train_per_class), ("val", cfg.val_per_class))):
         paths, labels = [], []
         for label, cls in enumerate(SYNTHETIC_CLASSES):
-            out_dir = cache_dir / "files" / name / cls
+            out_dir = files_dir / name / cls
             out_dir.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 rng = np.random.default_rng([cfg.seed, si, label, i])

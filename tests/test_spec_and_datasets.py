@@ -137,8 +137,11 @@ def test_empty_class_folder_and_class_mismatch(tmp_path):
     root = make_imagefolder(tmp_path / "a")
     (root / "train" / "bird").mkdir()
     (root / "val" / "bird").mkdir()
-    with pytest.raises(ConfigError, match="empty class folder"):
-        load_dataset(f"imagefolder:{root}", tmp_path / "c1")
+    with pytest.raises(ConfigError, match="--strict: 2 bad item.*empty class folder"):
+        load_dataset(f"imagefolder:{root}", tmp_path / "c1", strict=True)
+    ds = load_dataset(f"imagefolder:{root}", tmp_path / "c1")     # default: dropped and reported
+    assert ds.classes == ("cat", "dog") and ds.dropped_classes == ("bird",)
+    assert sorted(ds.skipped) == [str(root.resolve() / s / "bird") for s in ("train", "val")]
     root2 = make_imagefolder(tmp_path / "b")
     make_imagefolder(root2, classes=("fox",))
     (root2 / "val" / "fox").rename(root2 / "val" / "owl")
