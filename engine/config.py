@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from loaders.fsutil import ConfigError
 from loaders.spec import AUGMENTATIONS, AugmentSpec
@@ -72,6 +74,17 @@ class Config:
     log_every: int = 20              # steps between progress-bar reads of the device metrics
     aug: dict = field(default_factory=dict)       # AugmentSpec overrides (not size)
     no_aug: tuple[str, ...] = ()     # augmentations switched off
+    # Reliability (issue 8)
+    resume: str = ""                 # run folder to continue: --resume runs/NAME
+    checkpoint_every: int = 0        # also checkpoint every N steps inside an epoch (0 = off)
+    max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
+    strict: bool = False             # bad data (skipped files, empty class folders) is an error
+    sync_bn: bool = False            # torchrun: SyncBatchNorm across ranks (CUDA)
+    deterministic: bool = False      # torch.use_deterministic_algorithms (bitwise resume)
+    # Test hooks (debug_*): harmless when unset
+    debug_nan_steps: tuple[int, ...] = ()   # poison the batch at these global steps (0-based)
+    debug_step_sleep: float = 0.0    # sleep after every step (lets a test kill a run mid-epoch)
+    record_samples: str = ""         # folder: each rank writes the samples it saw and its weights
 
     def spec(self) -> AugmentSpec:
         try:
@@ -106,7 +119,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _parse_value(text: str, example):
+# What `--resume` lets the command line change: how the run is executed, not what it computes
+# (a different --device or --compile changes float rounding, not the recipe). Anything else
+# given with --resume must equal the run's value.
+RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
+               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic",
+               "debug_nan_steps", "debug_step_sleep", "record_samples")
+
+
+def _parse_value(text: str, example, annotation: str = ""):
+    if example == () and "int" in annotation:
+        return tuple(int(v) for v in text.split(",") if v)
     if isinstance(example, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -121,14 +144,15 @@ def _parse_value(text: str, example):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(PRESETS)} (default cpu-demo)")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default cpu-demo)")
     defaults = Config()
     for f in fields(Config):
         if f.name in ("preset", "aug", "no_aug", "compile"):
             continue
         ex = getattr(defaults, f.name)
+        switch = dict(nargs="?", const="true") if isinstance(ex, bool) else {}   # --strict == --strict true
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f"default from the preset (base {ex!r})")
+                       help=f"default from the preset (base {ex!r})", **switch)
     for f in fields(AugmentSpec):
         if f.name != "size":
             p.add_argument(f"--aug.{f.name}", dest=f"aug.{f.name}", default=None,
@@ -141,12 +165,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tuples(v):
+    """JSON lists back to the tuples the config uses."""
+    if isinstance(v, list):
+        return tuple(_tuples(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _tuples(x) for k, x in v.items()}
+    return v
+
+
+def saved_config(run_dir: str | Path) -> Config:
+    """The resolved Config a run folder was started with (its config.json)."""
+    run = Path(run_dir)
+    path = run / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {path.name} there; pass a run folder (runs/NAME)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume {run_dir}: {path} is unreadable ({e}); the run cannot be resumed") from None
+    saved = saved.get("config", saved)          # faithful copy (older files: the top level)
+    names = {f.name for f in fields(Config)}
+    cfg = Config(**{k: _tuples(v) for k, v in saved.items() if k in names})
+    return dataclasses.replace(cfg, out=str(run.resolve().parent), name=run.resolve().name, resume=str(run))
+
+
 def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace]:
+    """Config from the command line: the preset, then the flags given. With --resume RUN:
+    the run's own config, and only the RESUME_SAFE flags may differ from it."""
     parser = parser or build_parser()
     ns = parser.parse_args(argv)
-    if ns.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {ns.preset!r}; use one of: {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(Config(), preset=ns.preset, **PRESETS[ns.preset])
+    preset = ns.preset or "cpu-demo"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(Config(), preset=preset, **PRESETS[preset])
     defaults = Config()
     over = {}
     for f in fields(Config):
@@ -154,7 +206,7 @@ def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace
         if text is None or f.name in ("preset", "aug", "no_aug"):
             continue
         try:
-            over[f.name] = _parse_value(text, getattr(defaults, f.name))
+            over[f.name] = _parse_value(text, getattr(defaults, f.name), str(f.type))
         except ValueError:
             raise ConfigError(f"--{f.name.replace('_', '-')} {text!r}: expected {type(getattr(defaults, f.name)).__name__}") from None
     aug = {}
@@ -174,6 +226,18 @@ def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace
         if bad:
             raise ConfigError(f"--no-aug {bad}: unknown; use 'all' or names from {', '.join(AUGMENTATIONS)}")
         over["no_aug"] = names
+    if ns.resume:
+        cfg = saved_config(ns.resume)
+        if ns.preset is not None:
+            over["preset"] = ns.preset
+        for k, v in over.items():
+            if k not in RESUME_SAFE and v != getattr(cfg, k):
+                raise ConfigError(f"--{k.replace('_', '-')} cannot change on --resume (the run has {getattr(cfg, k)!r}); "
+                                  f"only {', '.join('--' + n.replace('_', '-') for n in RESUME_SAFE[1:])} can; "
+                                  "start a new run for a different recipe")
+        over = {k: v for k, v in over.items() if k in RESUME_SAFE and k != "resume"}
     cfg = dataclasses.replace(cfg, **over)
+    if cfg.checkpoint_every < 0 or cfg.max_bad_steps < 1:
+        raise ConfigError("--checkpoint-every must be >= 0 and --max-bad-steps >= 1")
     cfg.spec(), cfg.stage_plan()     # validate early: one-line errors before any work
     return cfg, ns

@@ -11,8 +11,9 @@ batch.
 Order: `base.epoch_indices` (a permutation drawn from (seed, epoch), the same one every
 other loader uses, dealt round-robin to ranks), copied to the device once per epoch (~0.4 MB
 for 50k samples). Augmentation randomness: a device `torch.Generator` reseeded from
-(seed, rank, epoch) at the start of each pass, so an epoch is reproducible and ranks draw
-independent parameters.
+(seed, rank, epoch, batch) before each batch, so a batch is a pure function of its place in
+the epoch: an epoch is reproducible, ranks draw independent parameters, and
+`set_epoch(epoch, start_batch=k)` (resume mid-epoch) yields exactly batches k.. .
 
 Capacity: before decoding, the loader computes the bytes it needs on the device (images +
 labels + a working set for one augmented batch) and refuses, with a one-line ConfigError
@@ -93,19 +94,24 @@ class ResidentLoader:
         self.generator = torch.Generator(device=dev)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
         idx = epoch_indices(len(self.labels), self.opts, epoch)
         self.order = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.images.device)
+
+    def sample_indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in delivery order."""
+        return epoch_indices(len(self.labels), self.opts, epoch)
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.order), self.opts)
 
     def __iter__(self):
         o = self.opts
-        self.generator.manual_seed(o.seed * 1_000_003 + o.rank * 10_007 + self.epoch)
         B = o.batch_size
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
+            self.generator.manual_seed(((o.seed * 1_000_003 + o.rank * 10_007 + self.epoch) * 1_000_033 + b)
+                                       % (1 << 63))
             idx = self.order[b * B:(b + 1) * B]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)

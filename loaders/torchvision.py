@@ -5,8 +5,21 @@ processes: decode (PIL), resize to the training size, then the spec's
 augmentations in the report's order, each as its own v2 transform (one resampling per
 geometric op, as the report's code did), ToDtype + Normalize. Batches are pinned and copied
 to the device with non_blocking=True, then laid out channels_last in the engine's dtype.
+
+Determinism: a sample's augmentation is a pure function of (seed, epoch, sample index):
+the sampler hands each worker (index, epoch) and the worker reseeds the CPU generator the
+v2 transforms draw from, per sample (inside `torch.random.fork_rng`, so with workers=0 the
+training process's own RNG stream is untouched). Which worker decodes a sample, how many
+workers there are and where an epoch starts therefore never change a batch:
+`set_epoch(epoch, start_batch=k)` (resume) yields exactly batches k.. of that epoch.
+
+Bad files: ingest already dropped files PIL cannot decode. A file that fails anyway (changed
+or removed since) is replaced, with a warning naming it, by the next readable sample of the
+split (deterministic), so the epoch never dies mid-way.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -53,34 +66,65 @@ def read_rgb(path: str) -> torch.Tensor:
         return v2.functional.pil_to_tensor(im.convert("RGB"))
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample: splitmix64 of (seed, epoch, index)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (z ^ (z >> 31)) >> 1           # 63 bits: a valid torch seed
+
+
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, split, transform):
-        self.paths, self.labels, self.transform = split.paths, split.labels, transform
+    def __init__(self, split, transform, seed: int = 0):
+        self.paths, self.labels, self.transform, self.seed = split.paths, split.labels, transform, seed
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
-        return self.transform(read_rgb(self.paths[i])), self.labels[i]
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+            img, j = self._read(i)
+            return self.transform(img), self.labels[j]
+
+    def _read(self, i: int) -> tuple[torch.Tensor, int]:
+        """(image, the index it came from): sample i, or the next readable one."""
+        for k in range(min(len(self.paths), 16)):
+            j = (i + k) % len(self.paths)
+            try:
+                img = read_rgb(self.paths[j])
+            except Exception as e:  # noqa: BLE001 - any decode failure: use the next sample
+                warnings.warn(f"torchvision loader: cannot read {self.paths[j]} ({type(e).__name__}: {e}); "
+                              "using the next sample instead", RuntimeWarning, stacklevel=2)
+                continue
+            return img, j
+        raise RuntimeError(f"torchvision loader: 16 consecutive unreadable files from {self.paths[i]}")
 
 
 class _EpochSampler(Sampler):
+    """This rank's (index, epoch) keys for the epoch, from batch `start` on."""
+
     def __init__(self, n: int, opts: LoaderOptions):
-        self.n, self.opts, self.epoch = n, opts, 0
+        self.n, self.opts, self.epoch, self.start = n, opts, 0, 0
+
+    def indices(self):
+        return epoch_indices(self.n, self.opts, self.epoch)
 
     def __iter__(self):
-        return iter(epoch_indices(self.n, self.opts, self.epoch).tolist())
+        return iter([(i, self.epoch) for i in self.indices()[self.start * self.opts.batch_size:].tolist()])
 
     def __len__(self):
-        return len(epoch_indices(self.n, self.opts, self.epoch))
+        return max(0, len(self.indices()) - self.start * self.opts.batch_size)
 
 
 class TorchvisionLoader:
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
         self.opts = opts
         self.sampler = _EpochSampler(len(split), opts)
-        self.dataset = _Files(split, reference_transform(spec, opts.train))
-        # Seeds each worker's torch RNG (which v2 transforms draw from) from (seed, epoch).
+        self.dataset = _Files(split, reference_transform(spec, opts.train), opts.seed)
+        # The DataLoader's own base seed (augmentations do not depend on it: _Files reseeds
+        # per sample).
         self._generator = torch.Generator()
         self.set_epoch(0)
         workers = opts.workers
@@ -90,12 +134,18 @@ class TorchvisionLoader:
             persistent_workers=workers > 0, drop_last=opts.drop,
             prefetch_factor=4 if workers > 0 else None, generator=self._generator)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Epoch `epoch`'s batches, from batch `start_batch` on (resume mid-epoch)."""
+        self.sampler.epoch, self.sampler.start = epoch, start_batch
         self._generator.manual_seed(self.opts.seed * 1_000_003 + self.opts.rank * 10_007 + epoch)
 
+    def sample_indices(self, epoch: int):
+        """This rank's sample indices for `epoch`, in delivery order."""
+        return epoch_indices(len(self.dataset), self.opts, epoch)
+
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.sampler), self.opts)
+        """Batches in a whole epoch (also after set_epoch(n, start_batch=k))."""
+        return batches_per_epoch(len(self.sampler.indices()), self.opts)
 
     def __iter__(self):
         dev, dtype = self.opts.device, self.opts.dtype

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -99,14 +100,28 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
 
 
 def test_bad_dataset_layout_from_the_command_line(tmp_path):
+    """An empty class folder: --strict is the one-line error; by default the class is
+    dropped from both splits, reported, and the run trains on the rest."""
     root = tmp_path / "d"
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(root / split / "a" / "0.png")
+        (root / split / "c").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(root / split / "a" / f"{i}.png")
+            Image.new("RGB", (8, 8), (0, 0, 90 + i)).save(root / split / "c" / f"{i}.png")
     (root / "train" / "b").mkdir()
     (root / "val" / "b").mkdir()
-    r = run_cli("-m", "engine.train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "runs"),
-                "--cache-dir", str(tmp_path / "cache"), timeout=120)
+    common = ("-m", "engine.train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "runs"),
+              "--cache-dir", str(tmp_path / "cache"), "--workers", "0")
+    r = run_cli(*common, "--strict", timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: empty class folder") and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --strict: 2 bad item(s)") and "empty class folder" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(*common, "--name", "ok", "--stages", "pretraining", "--epochs", "1", "--batch-size", "2",
+                "--width", "0.125", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "data: skipped 2 bad item(s)" in r.stdout
+    report = json.loads((tmp_path / "runs" / "ok" / "data_report.json").read_text())
+    assert report["count"] == 2 and report["dropped_classes"] == ["b"]
+    assert sorted(i["path"] for i in report["items"]) == [str(root.resolve() / s / "b") for s in ("train", "val")]
+    assert json.loads((tmp_path / "runs" / "ok" / "config.json").read_text())["classes"] == ["a", "c"]

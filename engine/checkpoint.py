@@ -1,0 +1,114 @@
+"""Checkpoints that survive a kill at any moment, a full disk and a truncated file.
+
+A run folder holds `last.pt` (the newest resumable state) and `prev.pt` (the one before
+it). `save_rotating` writes the new state to a temp file beside them, fsyncs it, turns the
+current `last.pt` into `prev.pt` (a hard link swapped in by rename) and renames the temp
+file over `last.pt`; every step is a rename, so whenever the process dies at least one of
+the two is a complete checkpoint, and a failed write (ENOSPC) leaves both untouched.
+`load_resumable` reads `last.pt` and falls back to `prev.pt`, with a warning, when the
+former is missing, truncated or corrupt.
+
+What a resumable state holds (built by engine.train.Trainer): the resolved config, the
+position (stage index, epoch within the stage, batch within the epoch: the next thing to
+do), the global step, model / optimizer / GradScaler states, the metrics rows so far, the
+stage's best validation accuracy, the run's best and time-to-target bookkeeping, and per
+rank its RNG states (torch CPU and CUDA, numpy, python) and the partial epoch's metric sums.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loaders.fsutil import ConfigError, atomic_path
+
+LAST, PREV = "last.pt", "prev.pt"
+FORMAT = 1
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """One file, written atomically (temp file + fsync + rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def save_rotating(run_dir: Path, state: dict) -> Path:
+    """Write `state` as run_dir/last.pt, keeping the previous last.pt as prev.pt."""
+    run_dir = Path(run_dir)
+    last, prev = run_dir / LAST, run_dir / PREV
+    fd, tmp = tempfile.mkstemp(prefix=".last.pt.", suffix=".tmp", dir=run_dir)
+    os.close(fd)
+    try:
+        torch.save({**state, "format": FORMAT}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if last.exists():
+            link = run_dir / f".prev.pt.{os.getpid()}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            try:
+                os.link(last, link)
+            except OSError:                     # no hard links here: copy instead
+                import shutil
+                shutil.copyfile(last, link)
+            os.replace(link, prev)
+        os.replace(tmp, last)
+        _fsync_dir(run_dir)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return last
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_resumable(run_dir: Path, map_location="cpu") -> tuple[dict, Path]:
+    """(state, path) from last.pt, else prev.pt with a warning; ConfigError when neither
+    is usable."""
+    run_dir = Path(run_dir)
+    problems = []
+    for path in (run_dir / LAST, run_dir / PREV):
+        if not path.exists():
+            problems.append(f"{path.name} missing")
+            continue
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+            if not isinstance(state, dict) or "position" not in state or "model" not in state:
+                raise ValueError("not a resumable checkpoint")
+        except Exception as e:  # noqa: BLE001 - truncated pickles raise many kinds of errors
+            problems.append(f"{path.name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
+        if problems:
+            warnings.warn(f"resume: {'; '.join(problems)}; falling back to {path}", RuntimeWarning, stacklevel=2)
+        return state, path
+    raise ConfigError(f"--resume {run_dir}: no usable checkpoint ({'; '.join(problems)}); start a new run")
+
+
+# ------------------------------------------------------------------------------ RNG states
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+                numpy=np.random.get_state(), python=random.getstate())
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
