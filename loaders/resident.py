@@ -9,11 +9,17 @@ whole batch: no worker processes, no per-sample Python, nothing copied from the 
 batch.
 
 Order: `base.epoch_indices` (a permutation drawn from (seed, epoch), the same one every
-other loader uses, dealt round-robin to ranks), copied to the device once per epoch (~0.4 MB
-for 50k samples). Augmentation randomness: a device `torch.Generator` reseeded from
+other loader uses, dealt round-robin to ranks), drawn on the host and copied to the device
+once per epoch (~0.4 MB for 50k samples, ~1 ms): every loader visits samples in the same
+order for a seed, and the batches themselves never touch the host. Augmentation randomness: a device `torch.Generator` reseeded from
 (seed, rank, epoch, batch) before each batch, so a batch is a pure function of its place in
 the epoch: an epoch is reproducible, ranks draw independent parameters, and
 `set_epoch(epoch, start_batch=k)` (resume mid-epoch) yields exactly batches k.. .
+
+Measured (2-core Xeon shared with other jobs, load average ~8, CIFAR-10 JPEGs trained at
+128x128, batch 256, `benchmarks/throughput.py` in one run): full augmentation 671 images/s
+vs the torchvision loader's 66 (10.1x); augmentation off 1192 vs 204 (5.9x). Interleaved
+ad-hoc runs at load 4-8: 5.9-10.4x keeping content, 5.0x emulating the sequence's clipping.
 
 Capacity: before decoding, the loader computes the bytes it needs on the device (images +
 labels + a working set for one augmented batch) and refuses, with a one-line ConfigError
