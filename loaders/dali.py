@@ -137,12 +137,10 @@ def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
 # ------------------------------------------------------- random parameters and matrices
 
 class Draws:
-    """Maps DALI's per-sample uniform draws in [0, 1) to the spec's random parameters, with
-    torchvision v2's distributions, and builds each sample's warp matrix.
-
-    Used inside the pipeline by `fn.python_function` (one vectorised numpy call per batch:
-    DALI charges about a millisecond per operator per batch on the CPU, so composing the
-    matrix from ~60 tiny DALI ops cost more than the warp itself) and by the tests."""
+    """Maps per-sample uniform draws in [0, 1) to the spec's random parameters, with
+    torchvision v2's distributions, and builds each sample's warp matrix. Runs inside the
+    pipeline as one vectorised `fn.python_function` call per batch; the tests use it to
+    recover the parameters behind each output."""
 
     def __init__(self, spec: AugmentSpec, train: bool = True, scale_src: bool = True,
                  src_hw: tuple[int, int] | None = None):
@@ -314,8 +312,10 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
     jpegs, labels = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
                                     num_shards=num_shards, random_shuffle=False,
                                     pad_last_batch=True, name=READER)
+    # jpeg_fancy_upsampling: nvJPEG upsamples chroma like libjpeg-turbo (the reference).
     img = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu",
-                            output_type=types.RGB, adjust_orientation=False)
+                            output_type=types.RGB, adjust_orientation=False,
+                            jpeg_fancy_upsampling=True)
     if device == "gpu":
         labels = labels.gpu()
     resize = source_hw != (s, s)
@@ -432,19 +432,28 @@ class DaliLoader:
     # ---- epoch bookkeeping
     def epoch_order(self, epoch: int) -> np.ndarray:
         """All ranks' samples of `epoch` in reading order: the same permutation as every
-        loader's, minus files found bad, truncated to a multiple of the world size when
-        training. Rank r reads its r-th contiguous block (`shard_bounds`)."""
+        loader's, truncated to a multiple of the world size when training. Rank r reads
+        its r-th contiguous block (`shard_bounds`)."""
         order = epoch_indices(len(self.split), replace(self.opts, rank=0, world_size=1), epoch)
-        if self.bad:
-            order = np.array([i for i in order if self.split.paths[i] not in self.bad], np.int64)
         if self.opts.train:
             order = order[: len(order) - len(order) % self.opts.world_size]
         return order
 
+    def _share(self, order: np.ndarray, rank: int) -> np.ndarray:
+        """Rank `rank`'s block of `order`, without the files found bad. (Ranks drop bad
+        files from their own blocks only, so blocks stay a partition while each rank finds
+        a bad file on its own.)"""
+        a, b = shard_bounds(len(order), rank, self.opts.world_size)
+        share = order[a:b]
+        if self.bad:
+            share = np.array([i for i in share if self.split.paths[i] not in self.bad], np.int64)
+        return share
+
     def rank_indices(self, epoch: int) -> np.ndarray:
-        order = self.epoch_order(epoch)
-        a, b = shard_bounds(len(order), self.opts.rank, self.opts.world_size)
-        return order[a:b]
+        return self._share(self.epoch_order(epoch), self.opts.rank)
+
+    def _key(self, epoch: int) -> int:
+        return epoch if self.opts.train else 0      # evaluation: every epoch is the same
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -492,15 +501,11 @@ class DaliLoader:
         for e in ([first] if head is not None else range(first, first + self.block_epochs)):
             order = self.epoch_order(e)
             for r in range(world):
-                if head is not None:
-                    share = np.asarray(head, np.int64)
-                else:
-                    a, b = shard_bounds(len(order), r, world)
-                    share = order[a:b]
+                share = np.asarray(head, np.int64) if head is not None else self._share(order, r)
                 seg, nb = self._segment(share)
                 streams[r].append(seg)
                 if head is not None or r == opts.rank:
-                    epochs.append((e, share, nb))
+                    epochs.append((self._key(e), share, nb))
         streams = [np.concatenate(st) for st in streams]
         length = max(len(st) for st in streams)
         if length == 0:
@@ -523,7 +528,7 @@ class DaliLoader:
     def __iter__(self):
         epoch = self.epoch
         s = self._stream
-        if s is None or s.busy or s.pos >= len(s.epochs) or s.epochs[s.pos][0] != epoch:
+        if s is None or s.busy or s.pos >= len(s.epochs) or s.epochs[s.pos][0] != self._key(epoch):
             self._close()
             s = self._stream = self._open(epoch)
         queue, attempt, done = s.epochs[s.pos][1], 0, 0

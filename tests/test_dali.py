@@ -115,6 +115,8 @@ def test_augment_off_equals_reference(tiny_synthetic, train):
     assert ys.tolist() == [split.labels[i] for i in order]
     if not train:
         assert order.tolist() == list(range(len(split)))
+        # Evaluation epochs are all alike: a second pass reuses the stream, same output.
+        assert torch.equal(torch.cat([x for x, _ in loader]), xs) and loader._stream.pos == 2
     ref = reference_transform(spec, train=False)
     want = torch.stack([ref(read_rgb(split.paths[i])) for i in order])
     d = np.abs(levels(xs, spec) - levels(want, spec))
