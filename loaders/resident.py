@@ -11,8 +11,9 @@ batch.
 Order: `base.epoch_indices` (a permutation drawn from (seed, epoch), the same one every
 other loader uses, dealt round-robin to ranks), drawn on the host and copied to the device
 once per epoch (~0.4 MB for 50k samples, ~1 ms): every loader visits samples in the same
-order for a seed, and the batches themselves never touch the host. Augmentation randomness: a device `torch.Generator` reseeded from
-(seed, rank, epoch, batch) before each batch, so a batch is a pure function of its place in
+order for a seed, and the batches themselves never touch the host. Augmentation
+randomness: a device `torch.Generator` reseeded from (seed, rank, epoch, batch) before each
+batch, so a batch is a pure function of its place in
 the epoch: an epoch is reproducible, ranks draw independent parameters, and
 `set_epoch(epoch, start_batch=k)` (resume mid-epoch) yields exactly batches k.. .
 
