@@ -370,23 +370,25 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
 
 class DrawFeed:
     """`fn.external_source` callback: each batch's uniform draws, (batch, width) float32, a
-    pure function of (seed, rank, epoch, batch in epoch, attempt), so any epoch replays
-    exactly on its own (set_epoch(n) after a restart). Called once per pipeline iteration,
-    in order; `schedule` lists (epoch, batches) as the pipeline's stream lays them out."""
+    pure function of (seed, rank, epoch, batch in epoch, attempt), so any epoch (or the
+    rest of one, from a batch on) replays exactly on its own (set_epoch(n) after a
+    restart). Called once per pipeline iteration, in order; `schedule` lists (epoch,
+    batches, first batch) as the pipeline's stream lays them out."""
 
     def __init__(self, seed: int, rank: int, batch_size: int, width: int,
-                 schedule=((0, 1 << 30),), attempt: int = 0):
+                 schedule=((0, 1 << 30, 0),), attempt: int = 0):
         self.key, self.shape = (seed, rank, attempt), (batch_size, max(1, width))
         self.schedule, self.i = list(schedule), 0
 
     def __call__(self):
         i, self.i = self.i, self.i + 1
-        for epoch, n in self.schedule:
+        for epoch, n, first in self.schedule:
             if i < n:
+                i += first
                 break
             i -= n
         else:                        # read-ahead past the planned stream: never delivered
-            epoch, i = 1 << 31, i
+            epoch = 1 << 31
         seed, rank, attempt = self.key
         return np.random.default_rng([seed, rank, epoch, i, attempt]).random(self.shape, np.float32)
 
@@ -396,7 +398,7 @@ class _Stream:
 
     def __init__(self, iterator, epochs: list[tuple[int, np.ndarray, int]]):
         self.iterator = iterator
-        self.epochs = epochs        # [(epoch, this rank's samples in order, batches)]
+        self.epochs = epochs        # [(epoch key, this rank's samples in order, batches)]
         self.pos = 0                # index into epochs of the next epoch to deliver
         self.busy = False           # an epoch is being delivered from it
 
@@ -426,7 +428,7 @@ class DaliLoader:
         self.label_table = torch.as_tensor(split.labels, dtype=torch.int64, device=self.device)
         self.block_epochs = max(1, min(16, self.BLOCK_SAMPLES // max(1, len(split))))
         self.bad: set[str] = set()
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self._stream: _Stream | None = None
 
     # ---- epoch bookkeeping
@@ -455,8 +457,11 @@ class DaliLoader:
     def _key(self, epoch: int) -> int:
         return epoch if self.opts.train else 0      # evaluation: every epoch is the same
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select epoch `epoch`; the next iteration starts at its batch `start_batch` (a
+        resume: the same batches the uninterrupted epoch gives from there, none decoded
+        for the batches skipped)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.rank_indices(self.epoch)), self.opts)
@@ -487,25 +492,28 @@ class DaliLoader:
             return share[: nb * bs], nb
         return np.concatenate([share, np.repeat(share[-1:], nb * bs - len(share))]), nb
 
-    def _open(self, first: int, head: np.ndarray | None = None, attempt: int = 0) -> _Stream:
+    def _open(self, first: int, head: np.ndarray | None = None, attempt: int = 0,
+              skip: int = 0) -> _Stream:
         """A pipeline streaming epochs first.. (a block of them) in whole batches per rank.
 
         Normally every rank's stream is laid out back to back, equally long, and DALI's
         sharding (shard_id=rank, num_shards=world) hands each rank its own; after a bad
         file (`head`: this rank's remaining samples of `first`) the stream is this rank's
-        alone, for the rest of that epoch."""
+        alone, for the rest of that epoch. `skip`: start `first` at that batch."""
         opts = self.opts
         world = 1 if head is not None else opts.world_size
         streams = [[] for _ in range(world)]
         epochs = []
         for e in ([first] if head is not None else range(first, first + self.block_epochs)):
             order = self.epoch_order(e)
+            first_batch = skip if e == first else 0
             for r in range(world):
                 share = np.asarray(head, np.int64) if head is not None else self._share(order, r)
+                share = share[first_batch * opts.batch_size:]
                 seg, nb = self._segment(share)
                 streams[r].append(seg)
                 if head is not None or r == opts.rank:
-                    epochs.append((self._key(e), share, nb))
+                    epochs.append((self._key(e), share, nb, first_batch))
         streams = [np.concatenate(st) for st in streams]
         length = max(len(st) for st in streams)
         if length == 0:
@@ -515,7 +523,7 @@ class DaliLoader:
                                                              np.zeros(1, np.int64), length - len(st))])
                                for st in streams])
         feed = DrawFeed(opts.seed, opts.rank, opts.batch_size, self.width,
-                        [(e, nb) for e, _, nb in epochs], attempt)
+                        [(e, nb, b0) for e, _, nb, b0 in epochs], attempt)
         pipe = self.build_pipeline(flat, 0 if head is not None else opts.rank, world, feed=feed)
         it = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -526,17 +534,18 @@ class DaliLoader:
         _trim_heap()
 
     def __iter__(self):
-        epoch = self.epoch
+        epoch, skip, self.start_batch = self.epoch, self.start_batch, 0
         s = self._stream
-        if s is None or s.busy or s.pos >= len(s.epochs) or s.epochs[s.pos][0] != self._key(epoch):
+        if (s is None or s.busy or skip or s.pos >= len(s.epochs)
+                or s.epochs[s.pos][0] != self._key(epoch)):
             self._close()
-            s = self._stream = self._open(epoch)
+            s = self._stream = self._open(epoch, skip=skip)
         queue, attempt, done = s.epochs[s.pos][1], 0, 0
         finished, s.busy = False, True
         try:
             while True:
                 try:
-                    e, share, nb = s.epochs[s.pos]
+                    e, share, nb, _ = s.epochs[s.pos]
                     for b in range(nb):
                         out = next(s.iterator)[0]
                         y = out["labels"].view(-1)[: len(share) - b * self.opts.batch_size]

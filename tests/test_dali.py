@@ -170,6 +170,11 @@ def test_deterministic_and_epochs(tiny_synthetic):
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(c, epochs[2]))
     a.set_epoch(0)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(list(a), ea))
+    # Resuming inside an epoch: the same batches from there on.
+    c.set_epoch(1, start_batch=3)
+    rest = list(c)
+    assert len(rest) == len(epochs[1]) - 3
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(rest, epochs[1][3:]))
     # Leaving an epoch early: the next one starts cleanly.
     a.set_epoch(1)
     next(iter(a))
