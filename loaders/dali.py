@@ -31,8 +31,8 @@ Per training sample:
    origin, filled with the normalised value of black per channel). Also when the spec or
    the sample has no perspective: DALI 2.4's CPU `warp_affine` measured ~4x slower than
    `warp_perspective` here (850 vs 3400 images/s, 32->128).
-6. the engine's dtype: float32 out of the pipeline (float16 cast in the pipeline on the
-   GPU; DALI has no bfloat16, torch converts). The iterator hands over DALI's NHWC buffer
+6. the engine's dtype: float32 (CPU), float16 cast in the pipeline; DALI has no bfloat16,
+   so that is float32 converted by torch on the device. The iterator hands over DALI's NHWC buffer
    (dlpack, no copy); the loader returns its NCHW permutation, which is channels_last.
 
 Validation, and training with every augmentation off: decode, normalise, and the same warp
