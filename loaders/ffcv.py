@@ -1,0 +1,553 @@
+"""FFCV loader (`--loader ffcv`): a .beton written once, decoded and batched on the host by
+FFCV's compiled (numba) pipeline, every augmentation on the device through `loaders.augment`.
+
+Storage (`write_beton` / `ensure_beton`): the split's images go into ONE .beton in
+`<dataset cache>/ffcv/`: an `RGBImageField` (`write_mode` "raw" = exact uint8 pixels, the
+default, or "jpg" at `jpeg_quality`) and an `IntField` label, written by FFCV's
+`DatasetWriter` with `workers` processes. Images are stored at their native size when the
+split's images share one size no larger than the training size (CIFAR-10: 32x32, 61 MB raw;
+the upscale to 128 happens inside augment.py's single warp, so the host never decodes 16x the
+pixels), otherwise (or with `resolution="train"`) resized to the training size at write time
+with the reference loader's own first op (PIL decode, torchvision bilinear antialiased
+resize of the uint8 tensor). The file name carries the split name, the stored size, the
+write mode, a hash of the (path, label) list and a hash of the content key: FFCV version,
+options, and every source file's size and mtime. A different path list (the throughput
+benchmark's subset) gets its own file; a changed source or option gives a new key, the
+stale file of the same list and options is deleted. The .beton is written to a temp name
+and renamed last, after its sidecar (`.json`: key, byte size, skipped images) so a file at
+the final name is always complete; the sidecar's byte size must match or it is rebuilt. A
+lock file serialises concurrent writers (ranks started together write it once).
+
+Bad input: an image that fails to decode at write time is reported by name on stderr
+(`ffcv: skipped N unreadable image(s) ...`, again on every later load of that .beton) and
+left out of every epoch (the slot holds a black placeholder, excluded through FFCV's
+`indices=`); with `strict=True` the write fails instead with a ConfigError naming the
+files, and nothing is left at the final name.
+
+Loading: `ffcv.loader.Loader` over the .beton with `os_cache=True` (the page cache holds
+the file; CIFAR-10 is 61 MB), `drop_last` = the options' `drop`, `batches_ahead=3`,
+pipelines image: SimpleRGBImageDecoder -> ToTensor -> ToDevice(non_blocking=True) ->
+ToTorchImage(channels_last=True) (uint8, pinned host buffers when CUDA is present), label:
+IntDecoder -> ToTensor -> Squeeze(1) -> ToDevice. Then `loaders.augment.augment` on the
+device: all of the spec (flip, pad-crop, rotation, jitter, grayscale, translation,
+perspective, resize to the training size, normalisation) in one call per batch, each
+exactly once; validation and augmentation-off get resize + normalise only. No FFCV host
+augmentation op is used: FFCV has no rotation, perspective, hue jitter or grayscale, and
+flip / pad-crop cost nothing extra inside the one warp (an FFCV flip or translate on the
+host would be a second, extra pass over the pixels, and would have to be switched off in
+augment.py). Measured numbers are in the closing note of the issue and in README.
+
+Order. `order="epoch"` (default): a custom `TraversalOrder` whose epoch n is
+`base.epoch_indices(n)` over the readable samples: the same permutation from (seed, epoch)
+the torchvision and resident loaders use, dealt round-robin to ranks (no duplicates, every
+sample once per epoch); evaluation: natural order dealt the same way. `set_epoch(n)` sets
+FFCV's epoch counter (`Loader.next_epoch`, which `Loader.__iter__` otherwise increments and
+passes to the order) to n before every pass, so iterating twice without set_epoch repeats
+the epoch. `order="random"`: FFCV's own `OrderOption.RANDOM` (seed = options' seed,
+permutation `default_rng(seed + epoch)`; under torch.distributed a `DistributedSampler`
+that pads with duplicates when the count is not divisible by the world size).
+`order="quasi_random"`: FFCV's page-local order with `os_cache=False` (for datasets larger
+than RAM; FFCV has no distributed mode for it, so each rank gets the fixed shard
+`readable[rank::world]`). `"auto"` picks quasi_random for training when the .beton exceeds
+half of the available RAM, else epoch. `distributed=True` is passed to FFCV whenever
+torch.distributed is initialised (rank/world must match the options); FFCV only consults it
+in its traversal orders.
+
+Augmentation randomness: a `torch.Generator` on the device, reseeded at every pass from
+(seed, rank, epoch) like the resident loader.
+
+JIT: FFCV compiles its pipeline with numba on the first batch (~1-3 s here). The loader
+pulls one batch at construction (`warm_up=True`), so the compile is part of set-up, never
+of an epoch; the benchmark's warm-up pass then only warms caches.
+
+FFCV 1.0.2 with numpy 2.4 / numba 0.68 / torch 2.14: the writer, raw and JPEG decode, the
+orders and the os/process caches work unchanged (tests/test_ffcv.py). Workarounds here,
+each for a defect of FFCV 1.0.2 itself:
+- `import ffcv` and every `Loader()` / `iter(loader)` call `torch.set_num_threads`
+  (`Compiler.set_num_threads` sets torch's intra-op threads to 1 at import, then to
+  num_workers): that silently slowed every later torch op in the process (the model, the
+  augmentation) to one thread. The thread count is restored after each of those calls (the
+  setting is per thread; FFCV's own background thread keeps its value).
+- `DatasetWriter` waits forever when a worker process dies (an exception in a worker leaves
+  its progress counter short; reproduced: a dataset raising at one index hangs the write).
+  The dataset adapter never raises (unreadable images are flagged in shared memory), and a
+  watchdog thread interrupts the write (SIGUSR1 to the main thread, which runs the writer
+  so its workers are forked from the main thread) when a worker exits non-zero (disk full,
+  killed): an error instead of a hang.
+- `Loader(order=...)` accepts a custom order only as an instance it then calls with the
+  loader (`isinstance(order, TraversalOrder)` then `order(self)`); `_EpochOrder` is such an
+  instance and binds itself in `__call__`.
+- `Squeeze()` without a dim squeezes a batch of one label to a 0-d tensor: `Squeeze(1)`.
+- FFCV reuses its output buffers `batches_ahead + 2` batches later: labels are cloned
+  (images are fresh tensors out of augment.py).
+- `OSCacheManager.compile_reader` mutates numba's interned array type to make it readonly,
+  breaking the hashes of numba's signature dictionaries (KeyError tracebacks from numba's
+  finalizers once a few loaders are gone; seen in this test suite): replaced by the same
+  reader compiled with a fresh readonly type (`_os_cache_reader`).
+- `ffcv.__version__` says 0.0.3rc1; the installed distribution's version (1.0.2) keys the
+  cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import _thread
+import ctypes
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Undo FFCV's `torch.set_num_threads` calls (see the module docstring)."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+with _torch_threads_kept():
+    import numba as nb
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.memory_managers import OSCacheManager
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.traversal_order.base import TraversalOrder
+    from ffcv import writer as ffcv_writer
+    from ffcv.writer import DatasetWriter
+
+from loaders.augment import augment
+from loaders.base import LoaderOptions, epoch_indices
+from loaders.fsutil import ConfigError, atomic_path, atomic_write
+from loaders.resident import device_free_bytes, storage_size
+from loaders.spec import AugmentSpec
+from loaders.torchvision import read_rgb
+
+
+
+def _os_cache_reader(self):
+    """Replaces `OSCacheManager.compile_reader`: the same reader (a sample's bytes, a slice
+    of the memory-mapped file; its size looked up by address), compiled with a readonly
+    signature built as a new numba type. FFCV's version makes it readonly by setting
+    `.mutable = False` on numba's interned `uint8[::1]` type object, which changes the
+    hash of a type already used in numba's dictionaries: after a few loaders, numba's
+    dispatcher finalizers raise KeyError ("Exception ignored in: <finalize object>")."""
+    ro = nb.types.Array(nb.uint8, 1, "C", readonly=True)
+    u64 = nb.types.Array(nb.uint64, 1, "C")
+
+    def read(address, state):
+        data, ptrs, sizes = state
+        return data[address:address + sizes[np.searchsorted(ptrs, address)]]
+    return Compiler.compile(read, ro(nb.uint64, nb.types.Tuple([ro, u64, u64])))
+
+
+OSCacheManager.compile_reader = _os_cache_reader
+
+FFCV_VERSION = importlib.metadata.version("ffcv")
+_FORMAT = 1                      # bump when what goes into a .beton changes
+_MIN_PAGE = 1 << 21              # FFCV's smallest page (2 MiB)
+ORDERS = ("auto", "epoch", "random", "quasi_random")
+
+
+@dataclass(frozen=True)
+class BetonOptions:
+    """How a split is written. `resolution`: "native" (the images' own size when uniform
+    and no larger than the training size, else the training size) or "train" (always the
+    training size). `write_mode`: "raw" (exact pixels) or "jpg" (re-encoded at
+    `jpeg_quality`, smaller files, lossy)."""
+    write_mode: str = "raw"
+    jpeg_quality: int = 90
+    resolution: str = "native"
+
+    def __post_init__(self):
+        if self.write_mode not in ("raw", "jpg"):
+            raise ConfigError(f"ffcv write_mode {self.write_mode!r}: use 'raw' or 'jpg'")
+        if self.resolution not in ("native", "train"):
+            raise ConfigError(f"ffcv resolution {self.resolution!r}: use 'native' or 'train'")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"ffcv jpeg_quality {self.jpeg_quality}: use 1..100")
+
+
+@dataclass(frozen=True)
+class Beton:
+    path: Path
+    n: int                              # samples written (readable or not)
+    skipped: tuple[tuple[int, str], ...]  # (index, "path (error)") of unreadable images
+    nbytes: int
+    seconds: float                      # write time; 0.0 when an existing file was reused
+
+    @property
+    def readable(self) -> np.ndarray:
+        bad = {i for i, _ in self.skipped}
+        return np.array([i for i in range(self.n) if i not in bad], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def stored_size(split, spec: AugmentSpec, options: BetonOptions = BetonOptions()) -> tuple[int, int]:
+    """(H, W) the split is stored at in the .beton."""
+    if options.resolution == "train":
+        return spec.size, spec.size
+    return storage_size(split, spec)
+
+
+def _read(path: str, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W, 3) as the reference loader sees it: PIL decode, then (only when the
+    file's size differs) torchvision's bilinear antialiased resize of the uint8 tensor."""
+    t = read_rgb(path)
+    if tuple(t.shape[1:]) != tuple(hw):
+        t = TF.resize(t, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+
+
+class _Images:
+    """The indexable dataset FFCV's writer workers read. Never raises (a raising worker
+    hangs FFCV's writer): an unreadable image is flagged in `bad` (shared memory) and
+    written as a black placeholder that the loader leaves out."""
+
+    def __init__(self, paths, labels, hw, bad):
+        self.paths, self.labels, self.hw, self.bad = paths, labels, hw, bad
+        self._threads_set = False
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if not self._threads_set:             # inside a forked writer worker
+            torch.set_num_threads(1)
+            self._threads_set = True
+        try:
+            return _read(self.paths[i], self.hw), int(self.labels[i])
+        except Exception:  # noqa: BLE001  (any failure: report the file, never hang the writer)
+            self.bad[i] = 1
+            return np.zeros((*self.hw, 3), np.uint8), -1
+
+
+def _hash(parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _stat(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def beton_path(split, hw: tuple[int, int], options: BetonOptions = BetonOptions()) -> Path:
+    """Where the .beton for this path list, stored size and options lives (content-keyed)."""
+    mode = options.write_mode + (str(options.jpeg_quality) if options.write_mode == "jpg" else "")
+    listed = _hash(p for pair in zip(split.paths, split.labels) for p in pair)
+    key = _hash([_FORMAT, FFCV_VERSION, hw, mode, *map(_stat, split.paths)])
+    return Path(split.cache_dir) / "ffcv" / f"{split.name}-{hw[0]}x{hw[1]}-{mode}-{listed}-{key}.beton"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _existing(path: Path, n: int) -> Beton | None:
+    """The Beton at `path` when it and its sidecar are complete and agree, else None."""
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+        size = path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if meta.get("nbytes") != size or meta.get("n") != n or meta.get("ffcv") != FFCV_VERSION:
+        return None
+    return Beton(path, n, tuple((int(i), s) for i, s in meta.get("skipped", [])), size, 0.0)
+
+
+def _page_size(hw: tuple[int, int]) -> int:
+    """A power of two holding several samples: a sample larger than a page kills FFCV's
+    writer worker (MemoryError on the retry)."""
+    need = 2 * hw[0] * hw[1] * 3 + (1 << 16)
+    return max(_MIN_PAGE, 1 << (need - 1).bit_length())
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _TrackedProcess(multiprocessing.Process):
+    """FFCV's writer workers, recorded so the watchdog can read their exit codes."""
+    started: list = []
+
+    def start(self):
+        super().start()
+        _TrackedProcess.started.append(self)
+
+
+def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
+    """`writer.from_indexed_dataset`, aborted (RuntimeError) instead of hanging forever when
+    a worker process dies: one exits non-zero, or all have exited for 10 s while the writer
+    still waits. The writer runs in this (main) thread, so its workers are forked from the
+    main thread; a watchdog thread interrupts it with SIGUSR1 (a temporary handler; SIGINT
+    handlers stay untouched). Off the main thread: no watchdog."""
+    if threading.current_thread() is not threading.main_thread():
+        writer.from_indexed_dataset(dataset, chunksize=chunksize)
+        return
+    stop, why = threading.Event(), []
+    workers = _TrackedProcess.started = []
+
+    def watch():
+        gone_since = None
+        while not stop.wait(0.2):
+            codes = [p.exitcode for p in list(workers)]
+            dead = [c for c in codes if c not in (None, 0)]
+            gone = bool(codes) and None not in codes
+            gone_since = (gone_since or time.monotonic()) if gone else None
+            if dead or (gone_since and time.monotonic() - gone_since > 10):
+                why.append(f"exited with code {dead[0]}" if dead else "exited early")
+                for p in list(workers):
+                    if p.exitcode is None:
+                        p.terminate()
+                _thread.interrupt_main(signal.SIGUSR1)
+                return
+
+    def interrupted(signum, frame):
+        raise _WorkerDied()
+
+    old = signal.signal(signal.SIGUSR1, interrupted)
+    watchdog = threading.Thread(target=watch, name="ffcv-writer-watchdog", daemon=True)
+    ffcv_writer.Process = _TrackedProcess
+    watchdog.start()
+    try:
+        writer.from_indexed_dataset(dataset, chunksize=chunksize)
+    except _WorkerDied:
+        with contextlib.suppress(Exception):
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        raise RuntimeError(f"ffcv: a .beton writer worker process {why[0]} (its error is "
+                           "printed above: disk full? out of memory?)") from None
+    finally:
+        stop.set()
+        watchdog.join()
+        ffcv_writer.Process = multiprocessing.Process
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _describe(path: str, hw) -> str:
+    try:
+        _read(path, hw)
+        return f"{path} (unreadable at write time)"
+    except Exception as e:  # noqa: BLE001
+        return f"{path} ({type(e).__name__}: {e})"
+
+
+def _report(b: Beton, strict: bool) -> None:
+    if not b.skipped:
+        return
+    names = "; ".join(s for _, s in b.skipped)
+    if strict:
+        raise ConfigError(f"ffcv: {len(b.skipped)} unreadable image(s): {names}; fix or remove "
+                          "them, or run without --strict to skip them")
+    print(f"ffcv: skipped {len(b.skipped)} unreadable image(s) in {b.path.name}: {names}",
+          file=sys.stderr, flush=True)
+
+
+def _write(split, hw, options: BetonOptions, path: Path, workers: int, strict: bool) -> Beton:
+    n = len(split)
+    bad = multiprocessing.RawArray(ctypes.c_uint8, n)
+    field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality)
+    t0 = time.perf_counter()
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()},
+                               page_size=_page_size(hw), num_workers=max(1, workers))
+        with _torch_threads_kept():
+            _run_watched(writer, _Images(split.paths, split.labels, hw, bad),
+                         chunksize=max(1, min(100, n // (4 * max(1, workers)))))
+        skipped = tuple((i, _describe(split.paths[i], hw)) for i in range(n) if bad[i])
+        size = tmp.stat().st_size
+        b = Beton(path, n, skipped, size, time.perf_counter() - t0)
+        _report(b, strict)                       # strict: raises, the temp file is removed
+        atomic_write(_sidecar(path), json.dumps(dict(
+            n=n, nbytes=size, ffcv=FFCV_VERSION, hw=list(hw), write_mode=options.write_mode,
+            jpeg_quality=options.jpeg_quality, skipped=[list(s) for s in skipped],
+            seconds=round(b.seconds, 3))))
+    return b
+
+
+def _prune_stale(path: Path) -> None:
+    """Delete older .beton files of the same path list, size and options (a changed source)."""
+    stem = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{stem}-*.beton"):
+        if old != path:
+            for f in (old, _sidecar(old)):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name.rsplit("-", 1)[0] + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_beton(split, hw: tuple[int, int], options: BetonOptions = BetonOptions(), *,
+                 workers: int = 2, strict: bool = False, force: bool = False) -> Beton:
+    """The split's .beton at stored size `hw`: reused when complete and current, else
+    (or with `force`) written, atomically. Unreadable images: reported (and skipped), or a
+    ConfigError under `strict`."""
+    if len(split) == 0:
+        raise ConfigError(f"ffcv: the {split.name} split has no images; check --data")
+    path = beton_path(split, hw, options)
+    with _locked(path):
+        b = None if force else _existing(path, len(split))
+        if b is None:
+            b = _write(split, hw, options, path, workers, strict)
+            _prune_stale(path)
+        else:
+            _report(b, strict)
+    return b
+
+
+def write_beton(split, spec: AugmentSpec | int = 128, options: BetonOptions = BetonOptions(), *,
+                workers: int = 2) -> tuple[Path, float, int]:
+    """Write (always, replacing any cached copy atomically) the .beton the loader would use
+    for `split` at training size `spec` (an AugmentSpec or an int) and return
+    (path, seconds, bytes). For the benchmark's write time and size."""
+    spec = spec if isinstance(spec, AugmentSpec) else AugmentSpec(size=int(spec))
+    b = ensure_beton(split, stored_size(split, spec, options), options, workers=workers, force=True)
+    return b.path, b.seconds, b.nbytes
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _EpochOrder(TraversalOrder):
+    """`base.epoch_indices` as an FFCV traversal order over the readable samples."""
+
+    def __init__(self, readable: np.ndarray, opts: LoaderOptions):   # noqa: super() in __call__
+        self.readable, self.opts = readable, opts
+
+    def __call__(self, loader):               # FFCV calls the instance with the loader
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        return self.readable[epoch_indices(len(self.readable), self.opts, epoch)]
+
+
+def _dist() -> tuple[int, int] | None:
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else None
+
+
+def _stop(it) -> None:
+    """End an FFCV epoch iterator, also one left early. FFCV's own `close()` releases the
+    memory context while its thread may still be decoding ahead (with the process cache its
+    page readers are then gone and that thread waits forever), and at the end of an epoch
+    the thread blocks on a full queue for good (`put(None)` without a timeout). So: signal
+    it, give it 0.6 s to notice (it checks when its queue is full), else take one batch
+    off its queue, until it has ended; then close."""
+    it.terminate_event.set()
+    while it.is_alive():
+        it.join(timeout=0.6)
+        if it.is_alive():
+            with contextlib.suppress(queue.Empty):
+                it.output_queue.get_nowait()
+    it.close()
+
+
+class FfcvLoader:
+    def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions, *,
+                 beton: BetonOptions = BetonOptions(), order: str = "auto", strict: bool = False,
+                 batches_ahead: int = 3, warm_up: bool = True, emulate_clipping: bool = False):
+        if order not in ORDERS:
+            raise ConfigError(f"ffcv order {order!r}: use one of {', '.join(ORDERS)}")
+        self.spec, self.opts, self.emulate_clipping = spec, opts, emulate_clipping
+        dist = _dist()
+        if dist is not None and dist != (opts.rank, opts.world_size):
+            raise ConfigError(f"ffcv: LoaderOptions rank/world_size {opts.rank}/{opts.world_size} "
+                              f"differ from torch.distributed's {dist[0]}/{dist[1]}")
+        self.hw = stored_size(split, spec, beton)
+        self.beton = ensure_beton(split, self.hw, beton, workers=opts.workers, strict=strict)
+        readable = self.beton.readable
+        if len(readable) == 0:
+            raise ConfigError(f"ffcv: no readable image in the {split.name} split")
+        if order == "auto":
+            big = self.beton.nbytes > device_free_bytes(torch.device("cpu")) // 2
+            order = "quasi_random" if opts.train and big else "epoch"
+        if not opts.train:
+            order = "epoch"                   # natural order, sharded like every loader
+        if order == "random" and opts.world_size > 1 and dist is None:
+            raise ConfigError("ffcv order 'random' shards through torch.distributed; "
+                              "initialise it or use order='epoch'")
+        self.order = order
+        indices, os_cache = readable, True
+        if order == "epoch":
+            traversal = _EpochOrder(readable, opts)
+        elif order == "random":
+            traversal = OrderOption.RANDOM
+        else:
+            traversal, os_cache = OrderOption.QUASI_RANDOM, False
+            indices = readable[opts.rank::opts.world_size]
+        dev = torch.device(opts.device)
+        pipelines = {
+            "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(dev, non_blocking=True),
+                      ToTorchImage(channels_last=True)],
+            "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(dev, non_blocking=True)],
+        }
+        with _torch_threads_kept():
+            self.loader = Loader(str(self.beton.path), batch_size=opts.batch_size,
+                                 num_workers=max(1, opts.workers), os_cache=os_cache,
+                                 order=traversal, distributed=dist is not None and order != "quasi_random",
+                                 seed=opts.seed, indices=indices, pipelines=pipelines,
+                                 drop_last=opts.drop, batches_ahead=batches_ahead)
+        self.generator = torch.Generator(device=dev)
+        self.epoch = 0
+        if warm_up:                           # numba compiles the pipeline on its first batch
+            with _torch_threads_kept():
+                it = iter(self.loader)
+            try:
+                next(it, None)
+            finally:
+                _stop(it)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        o = self.opts
+        self.generator.manual_seed(o.seed * 1_000_003 + o.rank * 10_007 + self.epoch)
+        self.loader.next_epoch = self.epoch   # FFCV passes it to the order, then increments
+        with _torch_threads_kept():
+            it = iter(self.loader)
+        try:
+            for x, y in it:
+                yield (augment(x, self.spec, self.generator, o.dtype, train=o.train,
+                               emulate_clipping=self.emulate_clipping), y.clone())
+        finally:
+            _stop(it)
