@@ -448,6 +448,11 @@ class Trainer:
         wait += wait0
         images = seen0 + seen
         if self.world > 1:                    # one all-reduce of the device sums per epoch
+            # BatchNorm statistics: each rank's last forward updated its own; DDP would
+            # broadcast rank 0's at the next forward. Do it now, so that every rank evaluates
+            # and ends with the same model.
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
             skipped = acc[3].clone()          # the same on every rank (DDP: one decision)
             dist.all_reduce(acc)
             acc[3] = skipped

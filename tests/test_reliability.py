@@ -25,7 +25,7 @@ import torch
 from engine.checkpoint import load_resumable, save_rotating
 from engine.config import config_from_args
 from engine.train import Trainer, convert_sync_batchnorm, main
-from loaders.base import LoaderOptions, build_loader
+from loaders.base import LoaderOptions, available_loaders, build_loader
 from loaders.datasets import load_dataset
 from loaders.fsutil import ConfigError
 from loaders.spec import AugmentSpec
@@ -281,3 +281,20 @@ def test_sync_batchnorm_conversion_keeps_the_fused_silu():
     assert set(s.state_dict()) == keys
     assert not any(type(mod).__name__ == "BatchNormSiLU2d" for mod in s.modules())
     torch.testing.assert_close(s(x), want)        # world 1: SyncBatchNorm computes plain BN
+
+
+@pytest.mark.parametrize("name", [n for n in available_loaders() if n not in ("torchvision", "resident")])
+def test_other_loaders_resume_by_dropping_batches_exactly(tiny_synthetic, name):
+    """Loaders without set_epoch(start_batch) (DALI, FFCV): the engine draws and drops the
+    first k batches, which is exact when an epoch replays identically."""
+    from types import SimpleNamespace
+    split = tiny_synthetic.train
+    split = dataclasses.replace(split, paths=split.paths[:40], labels=split.labels[:40], sizes=split.sizes[:40])
+    loader = build_loader(name, split, AugmentSpec(size=32), LoaderOptions(train=True, batch_size=8, workers=1, seed=3))
+    loader.set_epoch(2)
+    full = [(x.clone(), y.clone()) for x, y in loader]
+    loader.set_epoch(2)
+    tail = list(Trainer._epoch_batches(SimpleNamespace(train_loader=loader, _loader_epoch=2), 3))
+    assert len(full) == 5 and len(tail) == 2
+    for (x, y), (x2, y2) in zip(full[3:], tail):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
