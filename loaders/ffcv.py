@@ -5,9 +5,9 @@ Storage (`write_beton` / `ensure_beton`): the split's images go into ONE .beton 
 `<dataset cache>/ffcv/`: an `RGBImageField` (`write_mode` "raw" = exact uint8 pixels, the
 default, or "jpg" at `jpeg_quality`) and an `IntField` label, written by FFCV's
 `DatasetWriter` with `workers` processes. Images are stored at their native size when the
-split's images share one size no larger than the training size (CIFAR-10: 32x32, 61 MB raw;
-the upscale to 128 happens inside augment.py's single warp, so the host never decodes 16x the
-pixels), otherwise (or with `resolution="train"`) resized to the training size at write time
+split's images share one size no larger than the training size (CIFAR-10: 32x32, 68 MB raw
+for 20k images; the upscale to 128 happens inside augment.py's single warp, so the host
+never decodes 16x the pixels), otherwise (or with `resolution="train"`) resized to the training size at write time
 with the reference loader's own first op (PIL decode, torchvision bilinear antialiased
 resize of the uint8 tensor). The file name carries the split name, the stored size, the
 write mode, a hash of the (path, label) list and a hash of the content key: FFCV version,
@@ -25,8 +25,8 @@ left out of every epoch (the slot holds a black placeholder, excluded through FF
 files, and nothing is left at the final name.
 
 Loading: `ffcv.loader.Loader` over the .beton with `os_cache=True` (the page cache holds
-the file; CIFAR-10 is 61 MB), `drop_last` = the options' `drop`, `batches_ahead=3`,
-one decode thread for raw pixels (a memcpy: ~270k img/s at 32x32 on one thread here, ~54k on
+the file), `drop_last` = the options' `drop`, `batches_ahead=3`, one decode thread for raw
+pixels (a memcpy: ~270k img/s at 32x32 on one thread here, ~54k on
 two, numba's prange costs more than it saves) and `workers` threads for JPEG,
 pipelines image: SimpleRGBImageDecoder -> ToTensor -> ToDevice(non_blocking=True) ->
 ToTorchImage(channels_last=True) (uint8, pinned host buffers when CUDA is present), label:
@@ -143,7 +143,6 @@ from loaders.fsutil import ConfigError, atomic_path, atomic_write
 from loaders.resident import device_free_bytes, storage_size
 from loaders.spec import AugmentSpec
 from loaders.torchvision import read_rgb
-
 
 
 def _os_cache_reader(self):
