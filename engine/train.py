@@ -347,7 +347,8 @@ class Trainer:
     def train_step(self, opt, x, y_soft):
         """One step. A non-finite loss or gradient leaves weights, optimizer state and
         BatchNorm statistics as they were; `self.last_bad` is that flag (a device tensor)."""
-        torch._foreach_copy_(self._bn_backup, self.bn_buffers)
+        if self.bn_buffers:
+            torch._foreach_copy_(self._bn_backup, self.bn_buffers)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             logits = self.net(x)
         loss = F.cross_entropy(logits.float(), y_soft, label_smoothing=self.cfg.label_smoothing)
@@ -478,12 +479,15 @@ class Trainer:
         Under torchrun each rank evaluates its shard and the sums are all-reduced."""
         self.model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        n = 0
         for x, y in self.val_loader:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.eval_net(x).float()
                 tta = (logits + self.eval_net(x.flip(3)).float()) / 2 if self.cfg.tta else logits
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
-                                 (tta.argmax(1) == y).sum(), torch.tensor(y.shape[0], device=self.device)]).double()
+            sums[:3] += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
+                                     (tta.argmax(1) == y).sum()]).double()
+            n += y.shape[0]
+        sums[3] = n
         if self.world > 1:
             dist.all_reduce(sums)
         s = sums.tolist()

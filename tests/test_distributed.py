@@ -68,6 +68,19 @@ def torchrun(*args, **kw) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: no procps needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def loaders_here() -> list[str]:
     from loaders.base import available_loaders
     return available_loaders()
@@ -94,10 +107,10 @@ def launched(tmp_path_factory):
             pytest.fail("no mid-epoch checkpoint within 600 s")
         # SIGKILL both workers (torchrun starts each in its own session: killing the agent
         # alone would leave them running).
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = children(proc.pid)
         assert len(workers) == 2, workers
         for pid in workers:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         log = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
