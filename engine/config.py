@@ -188,9 +188,13 @@ def saved_config(run_dir: str | Path) -> Config:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"--resume {run_dir}: {path} is unreadable ({e}); the run cannot be resumed") from None
+    resolved_amp = saved.get("amp")             # what "auto" resolved to when the run started
     saved = saved.get("config", saved)          # faithful copy (older files: the top level)
     names = {f.name for f in fields(Config)}
     cfg = Config(**{k: _tuples(v) for k, v in saved.items() if k in names})
+    pinned = {"None": "off", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(resolved_amp)
+    if cfg.amp == "auto" and pinned:            # resume in the precision the run used
+        cfg = dataclasses.replace(cfg, amp=pinned)
     return dataclasses.replace(cfg, out=str(run.resolve().parent), name=run.resolve().name, resume=str(run))
 
 

@@ -231,6 +231,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.amp = resolve_amp(cfg.amp, self.device)
+        if self.world > 1:       # one precision on every rank ("auto" on CPU is a timing probe)
+            box = [self.amp]
+            dist.broadcast_object_list(box, src=0)
+            self.amp = box[0]
         self.spec = cfg.spec()
         self.plan = cfg.stage_plan()
         self.use_compile = resolve_compile(cfg.compile, self.device)

@@ -133,7 +133,7 @@ def test_trains_one_epoch_with_each_loader(bad_folder, loader, tmp_path, capsys)
     root, bad = bad_folder
     out = tmp_path / "runs"
     summary = main(["--data", f"imagefolder:{root}", "--loader", loader, "--width", "0.125", "--size", "32",
-                    "--stages", "pretraining", "--epochs", "1", "--batch-size", "8", "--workers", "1",
+                    "--stages", "pretraining", "--epochs", "1", "--batch-size", "8", "--workers", "1", "--amp", "off",
                     "--out", str(out), "--name", "b", "--cache-dir", str(tmp_path / "cache")])
     stdout = capsys.readouterr().out
     assert stdout.count(f"data: skipped {len(bad)} bad item(s)") == 1                # printed once

@@ -51,7 +51,8 @@ def make_data(root: Path) -> Path:
 def run_args(work: Path, name: str, loader: str, *extra) -> list[str]:
     return ["--preset", "cpu-demo", "--data", f"imagefolder:{work / 'data'}", "--loader", loader,
             "--width", "0.125", "--size", "32", "--epochs", "2,0,0,0", "--batch-size", "5", "--workers", "0",
-            "--out", str(work / "runs"), "--name", name, "--cache-dir", str(work / "cache"), "--deterministic",
+            "--out", str(work / "runs"), "--name", name, "--cache-dir", str(work / "cache"),
+            "--deterministic", "--amp", "off",
             "--record-samples", str(work / "rec" / name), *extra]
 
 

@@ -54,7 +54,7 @@ def args(data, out, name, *extra):
     # 60 training images / batch 8 = 7 steps per epoch; two stages, three epochs in all.
     return ["--preset", "cpu-demo", "--data", f"imagefolder:{data}", "--width", "0.125", "--epochs", "2,1,0,0",
             "--batch-size", "8", "--workers", "0", "--out", str(out), "--name", name,
-            "--cache-dir", str(out.parent / "cache"), "--deterministic", *extra]
+            "--cache-dir", str(out.parent / "cache"), "--deterministic", "--amp", "off", *extra]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -142,12 +142,13 @@ def test_resume_refuses_a_different_recipe(tmp_path, data):
     out = tmp_path / "runs"
     run = out / "x"
     run.mkdir(parents=True)
-    cfg, _ = config_from_args(args(data, out, "x"))
+    cfg, _ = config_from_args(args(data, out, "x", "--amp", "auto"))
     from dataclasses import asdict
     (run / "config.json").write_text(json.dumps({**asdict(cfg), "device": "cpu", "amp": "None", "config": asdict(cfg)}))
     again, _ = config_from_args(["--resume", str(run), "--workers", "3", "--checkpoint-every", "5"])
     assert (again.workers, again.checkpoint_every, again.width, again.epochs) == (3, 5, 0.125, (2, 1, 0, 0))
     assert again.out == str(out.resolve()) and again.name == "x"
+    assert cfg.amp == "auto" and again.amp == "off"          # pinned to what "auto" resolved to
     same, _ = config_from_args(["--resume", str(run), "--batch-size", "8"])      # same value: fine
     assert same.batch_size == 8
     with pytest.raises(ConfigError, match="--lr-scale cannot change on --resume"):
@@ -298,3 +299,14 @@ def test_other_loaders_resume_by_dropping_batches_exactly(tiny_synthetic, name):
     assert len(full) == 5 and len(tail) == 2
     for (x, y), (x2, y2) in zip(full[3:], tail):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_fp16_gradscaler_skips_non_finite_steps_too(data, tmp_path):
+    """--amp fp16: the GradScaler's own inf check skips the step (and lowers its scale)."""
+    out = tmp_path / "runs"
+    main(args(data, out, "f16", "--stages", "pretraining", "--epochs", "1", "--amp", "fp16",
+              "--debug-nan-steps", "1,2"))
+    assert metrics(out / "f16")[0]["skipped_steps"] == "2"
+    state = torch.load(out / "f16" / "last.pt", weights_only=False)
+    assert state["scaler"]["scale"] < 65536.0                       # halved by the skipped steps
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
