@@ -456,8 +456,10 @@ class Trainer:
             logits, loss = self.train_step(opt, x_mix, y_soft)
             bad = self.last_bad
             good = (~bad).float()
+            # Train accuracy against each mixed image's dominant label (MixUp's lam ~ Beta(a, a)
+            # is mostly near 0 or 1, so half the batches are mostly the *other* image).
             acc += torch.stack([torch.where(bad, 0.0, loss * y.shape[0]),
-                                (logits.argmax(1) == y).sum() * good, good * y.shape[0], 1 - good])
+                                (logits.argmax(1) == y_soft.argmax(1)).sum() * good, good * y.shape[0], 1 - good])
             self.bad_run = (self.bad_run + 1) * bad
             self.bad_max = torch.maximum(self.bad_max, self.bad_run)
             if record is not None:
