@@ -1,9 +1,9 @@
 """Issue 8: exact resume after SIGKILL, checkpoint fallback, non-finite steps, limits.
 
-Exactness: every run here uses one CPU thread (OMP/MKL=1 in subprocesses,
-torch.set_num_threads(1) in-process) and --deterministic, so a resumed run reproduces the
-uninterrupted one bit for bit; only the timing columns of metrics.csv (images_per_s,
-seconds, data_wait_frac) differ.
+Exactness: runs compared bit for bit use one CPU thread and --deterministic, and run in
+the same kind of process (the SIGKILL test: three fresh subprocesses; the fallback test:
+two in-process runs), so a resumed run reproduces the uninterrupted one exactly; only the
+timing columns of metrics.csv (images_per_s, seconds, data_wait_frac) differ.
 """
 from __future__ import annotations
 
@@ -69,15 +69,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_path, one_thread):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_path):
+    # Every run in a fresh process with one thread: a long-lived test process carries
+    # settings earlier tests changed (float32 matmul precision, kernel backend, thread
+    # pools), which move the last bits of an in-process run.
     out = tmp_path / "runs"
-    main(args(data, out, "ref"))                                   # uninterrupted, in-process
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def start(*argv):
+        return subprocess.Popen([sys.executable, "-m", "engine.train", *argv], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ref = start(*args(data, out, "ref"))                              # uninterrupted, alongside
     # The victim sleeps 0.3 s after each step (no effect on the numbers) so that the kill
     # lands mid-run; it checkpoints every 2 steps.
-    victim = subprocess.Popen([sys.executable, "-m", "engine.train",
-                               *args(data, out, "k", "--checkpoint-every", "2", "--debug-step-sleep", "0.3")],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    victim = start(*args(data, out, "k", "--checkpoint-every", "2", "--debug-step-sleep", "0.3"))
     last = out / "k" / "last.pt"
     deadline = time.time() + 240
     try:
@@ -85,7 +90,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
             pos = torch.load(last, weights_only=False)["position"] if last.exists() else {}
             if pos.get("epoch") == 1 and pos.get("batch"):
                 break
-            assert victim.poll() is None, victim.stdout.read().decode()
+            assert victim.poll() is None, victim.stdout.read()
             time.sleep(0.05)
         else:
             pytest.fail("no mid-epoch checkpoint within 240 s")
@@ -97,7 +102,11 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
     assert pos["stage"] == 0 and pos["epoch"] == 1 and 0 < pos["batch"] < 7, pos     # mid-epoch
     assert len(metrics(out / "k")) == 1 and not (out / "k" / "summary.json").exists()
     # Resume with 2 loader workers (the victim had none): batches do not depend on them.
-    main(["--resume", str(out / "k"), "--workers", "2"])
+    resumed = start("--resume", str(out / "k"), "--workers", "2")
+    for p in (ref, resumed):
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, log[-3000:]
+    assert "resuming" in log and "at stage 1/2 epoch 2 batch" in log
     assert metrics(out / "k") == metrics(out / "ref")
     assert [r["skipped_steps"] for r in metrics(out / "ref")] == ["0", "0", "0"]
     for f in ("last.pt", "pretraining-best.pt", "finetuning1-best.pt"):
