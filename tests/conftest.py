@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Triton decides at import/decoration time whether kernels are interpreted, and importing
+# torchvision imports triton: with no GPU, the kernel tests need the interpreter set before
+# any test module is collected (checked without importing torch).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
