@@ -193,7 +193,7 @@ def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return dict(kind=what if what != "train" else "train", loader=loader, augment=augment, images_per_s=None,
+        return dict(kind=what, loader=loader, augment=augment, images_per_s=None,
                     error=tail)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
