@@ -11,11 +11,12 @@ Each row's ratio is against the torchvision loader with the same augment setting
 in the same run. Results in the README name the machine they came from.
 
 --train adds, each in its own subprocess, on the preset's model and batch:
-- kind=train: the training step alone on one fixed batch (no loader), eager vs compiled,
-  fused kernels (triton) vs reference (torch) and AMP on/off where they apply (Triton and
-  bf16 only on CUDA: on this CPU Triton runs only in its interpreter, and bf16 has no
-  native support). images/s is the median of `--passes` runs of `--steps` steps; the ratio
-  is against the eager/torch/amp-off row; compile time is its own column, never in images/s.
+- kind=train: the training step alone on one fixed batch (no loader, the run's own fused
+  AdamW), eager vs compiled, fused kernels (triton) vs reference (torch) and AMP off/bf16
+  where they apply (Triton only on CUDA: on a CPU it runs only in its interpreter; bf16 on
+  CUDA and on CPUs whose flags claim native bf16). images/s is the median of `--passes`
+  runs of `--steps` steps; the ratio is against the eager/torch/amp-off row; compile time is
+  its own column, never in images/s.
 - kind=end_to_end: loader + step together over `--batches` batches for each loader (one
   warm-up epoch first), with the fraction of the time spent waiting for data.
 """
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -115,10 +117,19 @@ def _trainer(args, tmp: str, **over):
     from engine.train import Trainer
     argv = ["--preset", args.preset, "--data", args.data, "--cache-dir", args.cache_dir, "--out", tmp,
             "--device", args.device, "--workers", str(args.workers)]
+    argv += shlex.split(args.engine_args)
     for k, v in over.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     cfg, _ = config_from_args(argv)
     return Trainer(cfg)
+
+
+def compile_cache() -> str | None:
+    """'hit' when inductor took every graph from its on-disk cache (compile_s is then a
+    warm figure), 'miss' when it generated code (a cold compile), None when nothing compiled."""
+    from torch._dynamo.utils import counters
+    hit, miss = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    return None if not hit + miss else ("miss" if miss else "hit")
 
 
 def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
@@ -127,13 +138,13 @@ def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
 
     import torch
     import torch.nn.functional as F
+    from engine.config import STAGES
     with tempfile.TemporaryDirectory() as tmp:
         t = _trainer(args, tmp, compile="on" if compile_ else "off", kernels=kernels, amp=amp, loader="torchvision")
         compile_s = t.warm_up_compile()
         x, y = next(iter(t.train_loader))
         y_soft = F.one_hot(y, t.data.num_classes).float()
-        opt = torch.optim.AdamW(t.model.parameters(), lr=1e-4,
-                                **({"fused": True} if t.device.type == "cuda" else {"foreach": True}))
+        opt = t.make_optimizer(STAGES[0])      # the run's own optimizer (fused AdamW)
         t.model.train()
         times = []
         for p in range(args.passes + 1):       # pass 0 warms caches and autotuning
@@ -152,8 +163,8 @@ def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
         except Exception:  # noqa: BLE001  (FLOP counting is informative only)
             pass
         return dict(kind="train", compile=compile_, kernels=kernels, amp=amp, loader=None, images_per_s=ips,
-                    compile_s=round(compile_s, 2), tflops=round(ips * flops / 1e12, 3) if flops else None,
-                    batch_size=y.shape[0], size=t.spec.size, preset=args.preset, device=str(t.device))
+                    compile_s=round(compile_s, 2), compile_cache=compile_cache(),
+                    tflops=round(ips * flops / 1e12, 3) if flops else None, batch_size=y.shape[0], size=t.spec.size, preset=args.preset, device=str(t.device))
 
 
 def measure_end_to_end(args, loader: str) -> dict:
@@ -170,7 +181,7 @@ def measure_end_to_end(args, loader: str) -> dict:
         opts = o or LoaderOptions(train=True, batch_size=t.cfg.batch_size, device=t.device,
                                   dtype=t.amp or torch.float32, workers=t.cfg.workers)
         t.train_loader = build_loader(loader, subset(t.data.train, args.batches * t.cfg.batch_size), t.spec, opts)
-        opt = torch.optim.AdamW(t.model.parameters(), lr=1e-4)
+        opt = t.make_optimizer(STAGES[0])
         stats = []
         for p in range(args.passes + 1):
             t.train_loader.set_epoch(p)
@@ -178,15 +189,15 @@ def measure_end_to_end(args, loader: str) -> dict:
             if p:
                 stats.append(r)
         mid = sorted(stats, key=lambda r: r["images_per_s"])[len(stats) // 2]
-        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp=str(t.amp), loader=loader,
+        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.amp], loader=loader,
                     images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
-                    compile_s=round(compile_s, 2), batch_size=t.cfg.batch_size, size=t.spec.size,
+                    compile_s=round(compile_s, 2), compile_cache=compile_cache(), batch_size=t.cfg.batch_size, size=t.spec.size,
                     preset=args.preset, device=str(t.device))
 
 
 def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--_child", f"{what},{loader},{int(augment)}",
-           "--preset", args.preset, "--steps", str(args.steps),
+           "--preset", args.preset, "--steps", str(args.steps), "--engine-args", args.engine_args,
            "--data", args.data, "--cache-dir", args.cache_dir, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--passes", str(args.passes),
            "--workers", str(args.workers), "--device", args.device]
@@ -209,9 +220,12 @@ def print_table(rows: list[dict]) -> None:
 
 def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
     import torch
+    from engine.train import cpu_reports_bf16
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",))
-              for a in (("off", "bf16") if cuda else ("off",))]
+    # bf16 is measured wherever it may apply: CUDA, or a CPU whose flags claim native bf16
+    # (whether `--amp auto` picks it there is decided by a probe; the rows show if it pays).
+    amps = ("off", "bf16") if cuda or cpu_reports_bf16() else ("off",)
+    combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",)) for a in amps]
     rows = []
     for c, k, a in combos:
         rows.append({**run_child(args, f"{c}/{k}/{a}", True, "train"), **info})
@@ -233,7 +247,7 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
         wait = f"{r['data_wait_frac']:.0%}" if r.get("data_wait_frac") is not None else "-"
         print(f"{r['kind']:<11} {str(r.get('loader') or '-'):<12} {str(bool(r.get('compile'))):<8} "
               f"{str(r.get('kernels')):<8} {str(r.get('amp')):<5} {ips:>9} {ratio:>8} {r.get('compile_s', '-'):>9} "
-              f"{wait:>9}" + (f"  ({r['error']})" if r.get("error") else ""))
+              f"{wait:>9}" + (f"  (compile cache {r['compile_cache']})" if r.get("compile_cache") else "") + (f"  ({r['error']})" if r.get("error") else ""))
     return rows
 
 
@@ -253,6 +267,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--train", action="store_true", help="also measure training and end-to-end rows")
     p.add_argument("--preset", default="cpu-demo", help="engine preset for the --train rows")
     p.add_argument("--steps", type=int, default=10, help="steps per timed pass of a train row")
+    p.add_argument("--engine-args", default="", help="engine.train flags applied on top of --preset for the "
+                   "--train rows, e.g. \"--width 0.5 --size 64\"")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:

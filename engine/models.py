@@ -242,6 +242,11 @@ class ReportNet(nn.Module):
         return self.head(torch.cat(feats, dim=1))
 
 
+# The stems halve the image five times (stem2's stride-2 conv and four max-pools), so the
+# last stem needs a 2x2 map: 32px is the smallest input every model accepts.
+MIN_SIZE = 32
+
+
 def _resolve(name: str, passthrough: str | None) -> tuple[str, str]:
     if name in ALIASES:
         arch, default = ALIASES[name]

@@ -90,6 +90,7 @@ def test_four_stage_run_writes_metrics_checkpoints_and_curves(tiny_folder, tmp_p
     (["--width", "1.0", "--max-params", "1000"], "over --max-params 1,000"),
     (["--stages", "pretrain"], "unknown stage"),
     (["--batch-size", "many"], "--batch-size 'many': expected int"),
+    (["--size", "16"], "--size 16 is too small"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
