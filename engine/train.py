@@ -688,6 +688,9 @@ class Trainer:
                            train_loss=train["train_loss"], train_acc=train["train_acc"], val_loss=val["val_loss"],
                            val_acc=val["val_acc"], images_per_s=train["images_per_s"], seconds=train["seconds"],
                            data_wait_frac=train["data_wait_frac"], skipped_steps=train["skipped_steps"],
+                           # the run's clock (train + eval, compile excluded) and images so far:
+                           # time to any accuracy can be read off a finished run
+                           elapsed_s=P["elapsed"], images_seen=P["images"],
                            **({"val_acc_tta": val["val_acc_tta"]} if cfg.tta else {}))
                 self.rows.append(row)
                 P["epoch_global"] += 1

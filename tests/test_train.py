@@ -71,6 +71,11 @@ def test_four_stage_run_writes_metrics_checkpoints_and_curves(tiny_folder, tmp_p
     assert [r[0] for r in body] == ["pretraining", "pretraining", "finetuning1", "finetuning2", "finetuning3"]
     assert [float(r[3]) for r in body] == [0.1, 0.1, 0.2, 0.5, 0.3]
     assert all(0 <= float(r[5]) <= 1 and 0 <= float(r[7]) <= 1 for r in body)
+    col = {name: i for i, name in enumerate(rows[0])}
+    elapsed = [float(r[col["elapsed_s"]]) for r in body]
+    assert all(b > a for a, b in zip(elapsed, elapsed[1:]))
+    # 10 classes x 6 train images, batch 16, last partial batch dropped: 48 images per epoch
+    assert [int(r[col["images_seen"]]) for r in body] == [48 * k for k in range(1, 6)]
     for s in STAGES:
         ckpt = torch.load(run / f"{s.name}-best.pt", weights_only=False)
         assert set(ckpt["model"]) and ckpt["config"]["preset"] == "cpu-demo"
