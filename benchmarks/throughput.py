@@ -37,27 +37,21 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
-def resolve_data(source: str, cache_dir: str) -> str:
-    """`shared` = ../shared/datasets CIFAR-10 JPEGs, unpacked once into the cache."""
+def resolve_data(source: str) -> str:
+    """`shared` = the ../shared/datasets CIFAR-10 JPEG archive (unpacked once into the cache)."""
+    from engine.config import SHARED_CIFAR10
     if source != "shared":
         return source
-    out = Path(cache_dir) / "cifar10-jpeg"
-    if not (out / "test").is_dir():
-        if not SHARED_CIFAR.exists():
-            raise SystemExit(f"error: --data shared needs {SHARED_CIFAR}; pass --data imagefolder:PATH instead")
-        out.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(SHARED_CIFAR) as t:
-            t.extractall(out, filter="data")
-    return f"imagefolder:{out.resolve()}"
+    if not SHARED_CIFAR10.exists():
+        raise SystemExit(f"error: --data shared needs {SHARED_CIFAR10}; pass --data imagefolder:PATH instead")
+    return f"imagefolder:{SHARED_CIFAR10}"
 
 
 def machine() -> dict:
@@ -291,7 +285,7 @@ def main(argv=None) -> list[dict]:
 
     from loaders.base import available_loaders
     from loaders.datasets import load_dataset
-    args.data = resolve_data(args.data, args.cache_dir)
+    args.data = resolve_data(args.data)
     load_dataset(args.data, args.cache_dir)          # ingest once, before any timing
     names = [n for n in args.loaders.split(",") if n] or available_loaders()
     if "torchvision" not in names:

@@ -438,7 +438,7 @@ class Trainer:
         self.model.train()
         cfg, dev = self.cfg, self.device
         acc = torch.zeros(4, device=dev)       # loss sum, correct, images in good steps, skipped steps
-        seen0 = sec0 = wait0 = 0.0
+        seen0, sec0, wait0 = 0, 0.0, 0.0
         if partial:
             acc.copy_(partial["acc"])
             seen0, sec0, wait0 = partial["seen"], partial["seconds"], partial["wait"]

@@ -4,7 +4,9 @@ Sources (`--data`):
 - `synthetic` (default): a deterministic built-in 10-class dataset of 32x32 colour images
   (shapes and textures with random colour, scale, position, rotation and background
   clutter), written on first use as JPEG files so the real decode path runs.
-- `imagefolder:PATH`: PATH/train and PATH/val (or PATH/test), one folder per class.
+- `imagefolder:PATH`: PATH/train and PATH/val (or PATH/test), one folder per class. PATH
+  may also be a .tar/.tar.gz archive of that layout: it is unpacked once into the cache
+  (keyed on the archive's path, size and mtime) and read from there.
 - `cifar10:PATH`: the standard python pickle batches (PATH or PATH/cifar-10-batches-py).
 
 The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds `manifest.json`: the
@@ -44,6 +46,8 @@ import os
 import pickle
 import shutil
 import stat
+import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +141,11 @@ def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Datase
         if not arg:
             raise ConfigError(f"--data {kind} needs a path: --data {kind}:PATH")
         root = Path(arg).expanduser().resolve()
+        if kind == "imagefolder" and root.is_file():
+            root = _unpack_archive(source, root, Path(cache_root))
         if not root.is_dir():
-            raise ConfigError(f"--data {source}: {root} is not a directory; pass an existing folder")
+            raise ConfigError(f"--data {source}: {root} is not a directory; pass an existing folder"
+                              + (" or a .tar(.gz) archive" if kind == "imagefolder" else ""))
         if kind == "imagefolder":
             scan = _scan_imagefolder(root)
             fingerprint = _imagefolder_fingerprint(scan)
@@ -206,6 +213,31 @@ def _lock(cache_dir: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
+    """A .tar(.gz) ImageFolder archive unpacked once into the cache; returns the folder.
+    Unpacked into a temp folder and renamed, under the lock: a kill never leaves half a tree."""
+    st = archive.stat()
+    out = cache_root / f"archive-{_hash(f'{archive}|{st.st_size}|{st.st_mtime_ns}')[:10]}"
+    tree = out / "tree"
+    with _lock(out):
+        if not tree.is_dir():
+            tmp = out / "tree.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                with tarfile.open(archive) as t:
+                    t.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"--data {source}: {archive} is not a readable .tar(.gz) archive ({e}); "
+                                  "pass a folder or a valid archive") from None
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"--data {source}: unpacking {archive} into {out} failed ({e.strerror}); "
+                                  "free space or point --cache-dir at another disk") from None
+            os.replace(tmp, tree)
+    return tree
 
 
 def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:

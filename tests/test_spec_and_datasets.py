@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,29 @@ def test_cifar10_pickle_ingest(tmp_path):
     assert np.array_equal(arr[:4], want)                     # PNG is lossless: pixels exact
     assert list(ds.train.labels[:4]) == batches["data_batch_1"][1]
     assert list(ds.val.labels) == batches["test_batch"][1]
+
+
+def test_imagefolder_archive_is_unpacked_once_and_read_like_the_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "data", val="test")
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        for p in sorted(root.rglob("*")):
+            t.add(p, arcname=str(p.relative_to(root)), recursive=False)
+    folder = load_dataset(f"imagefolder:{root}", tmp_path / "cache")
+    ds = load_dataset(f"imagefolder:{archive}", tmp_path / "cache")
+    assert ds.classes == folder.classes and ds.train.labels == folder.train.labels
+    assert [Path(p).relative_to(root) for p in folder.train.paths] == \
+        [Path(p).relative_to(Path(ds.train.paths[0]).parents[2]) for p in ds.train.paths]
+    tree = Path(ds.train.paths[0]).parents[2]
+    stamp = tree.stat().st_mtime_ns
+    again = load_dataset(f"imagefolder:{archive}", tmp_path / "cache")
+    assert again.train.paths == ds.train.paths and tree.stat().st_mtime_ns == stamp   # not unpacked again
+    assert not list(tree.parent.glob("*.tmp"))
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(archive.read_bytes()[:200])
+    with pytest.raises(ConfigError, match="not a readable .tar"):
+        load_dataset(f"imagefolder:{broken}", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("archive-*/tree*"))[1:]          # only the good one
 
 
 @pytest.mark.parametrize("source, match", [

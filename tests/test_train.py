@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import STAGES, config_from_args
+from engine.config import SHARED_CIFAR10, STAGES, config_from_args
 from engine.train import cosine_lr, main
 from tests.conftest import run_cli
 
@@ -56,6 +57,13 @@ def test_cli_overrides_reach_the_spec():
     spec = cfg.spec()
     assert (spec.size, spec.rotate_degrees, cfg.batch_size) == (64, 15.0, 8)
     assert "perspective" not in spec.enabled and "flip" not in spec.enabled and "rotate" in spec.enabled
+
+
+def test_cpu_cifar_preset_is_cpu_demo_on_the_shared_cifar_archive():
+    demo, _ = config_from_args(["--preset", "cpu-demo"])
+    cifar, _ = config_from_args(["--preset", "cpu-cifar"])
+    assert cifar.data == f"imagefolder:{SHARED_CIFAR10}" and SHARED_CIFAR10.name == "cifar10-jpeg.tar.gz"
+    assert dataclasses.replace(cifar, data=demo.data, preset="cpu-demo") == demo
 
 
 def test_four_stage_run_writes_metrics_checkpoints_and_curves(tiny_folder, tmp_path, capsys):
