@@ -219,7 +219,7 @@ def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
     """A .tar(.gz) ImageFolder archive unpacked once into the cache; returns the folder.
     Unpacked into a temp folder and renamed, under the lock: a kill never leaves half a tree."""
     st = archive.stat()
-    out = cache_root / f"archive-{_hash(f'{archive}|{st.st_size}|{st.st_mtime_ns}')[:10]}"
+    out = cache_root.resolve() / f"archive-{_hash(f'{archive}|{st.st_size}|{st.st_mtime_ns}')[:10]}"
     tree = out / "tree"
     with _lock(out):
         if not tree.is_dir():

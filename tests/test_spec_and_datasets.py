@@ -123,20 +123,22 @@ def test_cifar10_pickle_ingest(tmp_path):
     assert list(ds.val.labels) == batches["test_batch"][1]
 
 
-def test_imagefolder_archive_is_unpacked_once_and_read_like_the_folder(tmp_path):
+def test_imagefolder_archive_is_unpacked_once_and_read_like_the_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                  # a relative --cache-dir must still give usable paths
     root = make_imagefolder(tmp_path / "data", val="test")
     archive = tmp_path / "data.tar.gz"
     with tarfile.open(archive, "w:gz") as t:
         for p in sorted(root.rglob("*")):
             t.add(p, arcname=str(p.relative_to(root)), recursive=False)
     folder = load_dataset(f"imagefolder:{root}", tmp_path / "cache")
-    ds = load_dataset(f"imagefolder:{archive}", tmp_path / "cache")
+    ds = load_dataset(f"imagefolder:{archive}", "cache")
+    assert all(Path(p).is_file() for p in ds.train.paths + ds.val.paths)
     assert ds.classes == folder.classes and ds.train.labels == folder.train.labels
     assert [Path(p).relative_to(root) for p in folder.train.paths] == \
         [Path(p).relative_to(Path(ds.train.paths[0]).parents[2]) for p in ds.train.paths]
     tree = Path(ds.train.paths[0]).parents[2]
     stamp = tree.stat().st_mtime_ns
-    again = load_dataset(f"imagefolder:{archive}", tmp_path / "cache")
+    again = load_dataset(f"imagefolder:{archive}", "cache")
     assert again.train.paths == ds.train.paths and tree.stat().st_mtime_ns == stamp   # not unpacked again
     assert not list(tree.parent.glob("*.tmp"))
     broken = tmp_path / "broken.tar.gz"
