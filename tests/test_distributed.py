@@ -30,8 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"images_per_s", "seconds", "data_wait_frac"}
+from tests.conftest import ROOT, TIMING
 N_TRAIN = 61           # 10 classes x 6 + 1: one sample is truncated away for 2 ranks
 
 

@@ -29,10 +29,9 @@ from loaders.base import LoaderOptions, available_loaders, build_loader
 from loaders.datasets import load_dataset
 from loaders.fsutil import ConfigError
 from loaders.spec import AugmentSpec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TIMING
 from tests.test_train import make_tiny_folder
 
-TIMING = {"images_per_s", "seconds", "data_wait_frac"}
 
 
 @pytest.fixture(scope="module")
