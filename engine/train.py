@@ -41,13 +41,16 @@ Reliability (issue 8):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -73,6 +76,40 @@ from loaders.fsutil import ConfigError, atomic_write
 from loaders.resident import device_free_bytes
 
 _OWN_PROCESS_GROUP = False
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: the run checkpointed where it stood and stops; `--resume` continues."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def checkpoint_on_signals(trainer: "Trainer"):
+    """While training, SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) only set a flag:
+    the step loop then checkpoints at the next step boundary and raises Stopped. A second
+    signal acts at once. Single process only: under DDP the ranks would have to agree on
+    the step (a collective per step), so torchrun runs keep the default handlers and rely
+    on the epoch-end and `--checkpoint-every` checkpoints."""
+    if trainer.world > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in wanted}
+
+    def flag(signum, _frame):
+        trainer.stop_signal = signum
+        for s in wanted:                               # the next one is not deferred
+            signal.signal(s, previous[s])
+    for s in wanted:
+        signal.signal(s, flag)
+    try:
+        yield
+    finally:
+        for s in wanted:
+            signal.signal(s, previous[s])
 
 
 class NonFiniteError(RuntimeError):
@@ -316,6 +353,7 @@ class Trainer:
         self.global_step = 0
         self.last_bad = None
         self._ctx = None                  # set by run(): what a mid-epoch checkpoint needs
+        self.stop_signal: int | None = None   # set by checkpoint_on_signals
         self._one = torch.ones((), device=self.device)
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_max = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -483,9 +521,16 @@ class Trainer:
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
             if cfg.debug_step_sleep:
                 time.sleep(cfg.debug_step_sleep)
-            if self._ctx is not None and cfg.checkpoint_every and b % cfg.checkpoint_every == 0 and b < n_batches:
-                self._checkpoint_mid(opt, b, step, dict(acc=acc.cpu(), seen=seen0 + seen,
-                                                        seconds=sec0 + time.perf_counter() - t0, wait=wait0 + wait))
+            stop = self.stop_signal is not None
+            if self._ctx is not None and b < n_batches and (
+                    stop or cfg.checkpoint_every and b % cfg.checkpoint_every == 0):
+                saved = self._checkpoint_mid(opt, b, step, dict(acc=acc.cpu(), seen=seen0 + seen,
+                                                                seconds=sec0 + time.perf_counter() - t0,
+                                                                wait=wait0 + wait))
+                if stop:
+                    raise Stopped(self.stop_signal, f"at {desc} batch {b}/{n_batches}: " + (
+                        f"checkpointed there ({self.out / 'last.pt'})" if saved else
+                        "inside a run of skipped steps, so the last good checkpoint was kept"))
         bar.close()
         self._check_bad_steps(stage, desc, b)
         if self.device.type == "cuda":
@@ -590,12 +635,13 @@ class Trainer:
         if self.rank == 0:
             self._write("last.pt", lambda: save_rotating(self.out, state))
 
-    def _checkpoint_mid(self, opt, batch: int, step: int, partial: dict) -> None:
+    def _checkpoint_mid(self, opt, batch: int, step: int, partial: dict) -> bool:
         if int(self.bad_run) > 0:          # inside a run of skipped steps: keep the last good one
-            return
+            return False
         si, epoch = self._ctx
         self.prog.update(stage_step=step, global_step=self.global_step)
         self._save_last(self._state(opt, dict(stage=si, epoch=epoch, batch=batch), partial))
+        return True
 
     def _record_epoch(self, labels: list, start_batch: int) -> None:
         """Test hook (--record-samples DIR): the sample indices and labels this rank was
@@ -714,6 +760,9 @@ class Trainer:
                             best_path, model=self._best[1], optimizer=opt.state_dict(), stage=si, epoch=epoch + 1,
                             rows=self.rows, config=asdict(cfg)))
                     self._save_last(state)
+                    if self.stop_signal is not None:
+                        raise Stopped(self.stop_signal, f"at the end of {stage.name} epoch {epoch + 1}: "
+                                      f"checkpointed there ({self.out / 'last.pt'})")
                     tta = f" (tta {val['val_acc_tta']:.4f})" if cfg.tta else ""
                     skipped = f"  skipped {train['skipped_steps']} non-finite step(s)" if train["skipped_steps"] else ""
                     tqdm.write(f"{stage.name} {epoch + 1}/{epochs}  lr {lr:.2e}  train loss {train['train_loss']:.4f} "
@@ -768,13 +817,18 @@ def main(argv=None) -> dict:
     global _OWN_PROCESS_GROUP
     try:
         cfg, _ = config_from_args(argv)
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        with checkpoint_on_signals(trainer):
+            return trainer.run()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(3) from None
+    except Stopped as e:
+        print(f"{e}; continue with: python -m engine.train --resume {trainer.out}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     finally:
         if _OWN_PROCESS_GROUP and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Issue 8: exact resume after SIGKILL, checkpoint fallback, non-finite steps, limits.
+"""Issue 8: exact resume after SIGKILL and SIGTERM, checkpoint fallback, non-finite steps, limits.
 
 Exactness: runs compared bit for bit use one CPU thread and --deterministic, and run in
 the same kind of process (the SIGKILL test: three fresh subprocesses; the fallback test:
@@ -116,6 +116,37 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
     # A finished run resumes to its summary without training again.
     again = main(["--resume", str(out / "k")])
     assert again["best_val_acc"] == pytest.approx(max(float(r["val_acc"]) for r in metrics(out / "ref")))
+
+
+def test_sigterm_checkpoints_at_the_next_step_then_resume_equals_an_uninterrupted_run(data, tmp_path):
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def start(*argv):
+        return subprocess.Popen([sys.executable, "-m", "engine.train", *argv], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ref = start(*args(data, out, "ref"))
+    # No --checkpoint-every: the only mid-epoch checkpoint can come from the signal.
+    victim = start(*args(data, out, "t", "--debug-step-sleep", "0.3"))
+    last = out / "t" / "last.pt"
+    deadline = time.time() + 240
+    while not (last.exists() and torch.load(last, weights_only=False)["position"]["epoch"] == 1):
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read()
+        time.sleep(0.05)
+    time.sleep(0.5)                                   # a step or two into epoch 2 (0.3 s per step)
+    victim.send_signal(signal.SIGTERM)
+    log = victim.communicate(timeout=60)[0]
+    assert victim.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "stopped by SIGTERM at pretraining 2/2 batch" in log and f"--resume {out / 't'}" in log
+    pos = torch.load(last, weights_only=False)["position"]
+    assert pos["stage"] == 0 and pos["epoch"] == 1 and 0 < pos["batch"] < 7, pos
+    resumed = start("--resume", str(out / "t"))
+    for p in (ref, resumed):
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, log[-3000:]
+    assert metrics(out / "t") == metrics(out / "ref")
+    for f in ("last.pt", "pretraining-best.pt", "finetuning1-best.pt"):
+        assert_same_weights(out / "t" / f, out / "ref" / f)
 
 
 def test_truncated_last_checkpoint_falls_back_to_prev(tmp_path, data, one_thread):
