@@ -68,20 +68,22 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+def start_run(*argv) -> subprocess.Popen:
+    """engine.train in a fresh one-thread process (stdout and stderr together, as text)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "engine.train", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     # Every run in a fresh process with one thread: a long-lived test process carries
     # settings earlier tests changed (float32 matmul precision, kernel backend, thread
     # pools), which move the last bits of an in-process run.
     out = tmp_path / "runs"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def start(*argv):
-        return subprocess.Popen([sys.executable, "-m", "engine.train", *argv], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ref = start(*args(data, out, "ref"))                              # uninterrupted, alongside
+    ref = start_run(*args(data, out, "ref"))                          # uninterrupted, alongside
     # The victim sleeps 0.3 s after each step (no effect on the numbers) so that the kill
     # lands mid-run; it checkpoints every 2 steps.
-    victim = start(*args(data, out, "k", "--checkpoint-every", "2", "--debug-step-sleep", "0.3"))
+    victim = start_run(*args(data, out, "k", "--checkpoint-every", "2", "--debug-step-sleep", "0.3"))
     last = out / "k" / "last.pt"
     deadline = time.time() + 240
     try:
@@ -101,7 +103,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
     assert pos["stage"] == 0 and pos["epoch"] == 1 and 0 < pos["batch"] < 7, pos     # mid-epoch
     assert len(metrics(out / "k")) == 1 and not (out / "k" / "summary.json").exists()
     # Resume with 2 loader workers (the victim had none): batches do not depend on them.
-    resumed = start("--resume", str(out / "k"), "--workers", "2")
+    resumed = start_run("--resume", str(out / "k"), "--workers", "2")
     for p in (ref, resumed):
         log = p.communicate(timeout=300)[0]
         assert p.returncode == 0, log[-3000:]
@@ -120,14 +122,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
 
 def test_sigterm_checkpoints_at_the_next_step_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     out = tmp_path / "runs"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def start(*argv):
-        return subprocess.Popen([sys.executable, "-m", "engine.train", *argv], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ref = start(*args(data, out, "ref"))
+    ref = start_run(*args(data, out, "ref"))
     # No --checkpoint-every: the only mid-epoch checkpoint can come from the signal.
-    victim = start(*args(data, out, "t", "--debug-step-sleep", "0.3"))
+    victim = start_run(*args(data, out, "t", "--debug-step-sleep", "0.3"))
     last = out / "t" / "last.pt"
     deadline = time.time() + 240
     while not (last.exists() and torch.load(last, weights_only=False)["position"]["epoch"] == 1):
@@ -140,7 +137,7 @@ def test_sigterm_checkpoints_at_the_next_step_then_resume_equals_an_uninterrupte
     assert "stopped by SIGTERM at pretraining 2/2 batch" in log and f"--resume {out / 't'}" in log
     pos = torch.load(last, weights_only=False)["position"]
     assert pos["stage"] == 0 and pos["epoch"] == 1 and 0 < pos["batch"] < 7, pos
-    resumed = start("--resume", str(out / "t"))
+    resumed = start_run("--resume", str(out / "t"))
     for p in (ref, resumed):
         log = p.communicate(timeout=300)[0]
         assert p.returncode == 0, log[-3000:]
