@@ -95,6 +95,20 @@ def test_four_stage_run_writes_metrics_checkpoints_and_curves(tiny_folder, tmp_p
     assert "best val acc" in out and summary["best_val_acc"] == max(float(r[7]) for r in body)
 
 
+def test_target_acc_stops_the_run_and_reports_time_images_and_loader(tiny_folder, tmp_path, capsys):
+    summary = main(["--preset", "cpu-demo", "--data", f"imagefolder:{tiny_folder}", "--width", "0.125",
+                    "--epochs", "3,1,1,1", "--batch-size", "16", "--workers", "0", "--target-acc", "0.05",
+                    "--out", str(tmp_path / "runs"), "--name", "t", "--cache-dir", str(tmp_path / "cache")])
+    with open(tmp_path / "runs" / "t" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1                          # 5% is reached after the first epoch: no more training
+    reached = summary["time_to_target"]
+    assert reached["at"] == "pretraining epoch 1" and reached["images"] == int(rows[0]["images_seen"]) == 48
+    assert reached["seconds"] == pytest.approx(float(rows[0]["elapsed_s"]), rel=1e-5) and reached["seconds"] > 0
+    assert summary["loader"] == "torchvision"
+    assert "reached 5.00% in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--loader", "nope"], "unknown loader 'nope'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
