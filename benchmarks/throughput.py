@@ -15,8 +15,9 @@ in the same run. Results in the README name the machine they came from.
   AdamW), eager vs compiled, fused kernels (triton) vs reference (torch) and AMP off/bf16
   where they apply (Triton only on CUDA: on a CPU it runs only in its interpreter; bf16 on
   CUDA and on CPUs whose flags claim native bf16). images/s is the median of `--passes`
-  runs of `--steps` steps; the ratio is against the eager/torch/amp-off row; compile time is
-  its own column, never in images/s.
+  runs of `--steps` steps; with `--repeats R` each combo runs in R fresh processes, round-robin,
+  and the row is the median run (the lower middle for even R; all R listed). The ratio is against the eager/torch/amp-off
+  row; compile time is its own column, never in images/s.
 - kind=end_to_end: loader + step together over `--batches` batches for each loader (one
   warm-up epoch first), with the fraction of the time spent waiting for data.
 
@@ -226,11 +227,23 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
     # (whether `--amp auto` picks it there is decided by a probe; the rows show if it pays).
     amps = ("off", "bf16") if cuda or cpu_reports_bf16() else ("off",)
     combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",)) for a in amps]
+    # Round-robin over the combos `--repeats` times (a fresh process each): drift of the
+    # machine hits every combo alike; each row is the median run, with all runs listed.
+    runs: dict = {combo: [] for combo in combos}
+    for _ in range(args.repeats):
+        for c, k, a in combos:
+            r = run_child(args, f"{c}/{k}/{a}", True, "train")
+            runs[(c, k, a)].append(r)
+            print(f"  measured train compile={c} kernels={k} amp={a}: {r.get('images_per_s') or r.get('error')}",
+                  file=sys.stderr, flush=True)
     rows = []
-    for c, k, a in combos:
-        rows.append({**run_child(args, f"{c}/{k}/{a}", True, "train"), **info})
-        print(f"  measured train compile={c} kernels={k} amp={a}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
-              file=sys.stderr, flush=True)
+    for done in runs.values():
+        ok = sorted((r for r in done if r.get("images_per_s")), key=lambda r: r["images_per_s"])
+        if not ok:
+            rows.append({**done[-1], **info})
+            continue
+        rows.append({**ok[(len(ok) - 1) // 2], **info, "images_per_s_runs": [round(r["images_per_s"], 1) for r in ok],
+                     "compile_s_runs": [r["compile_s"] for r in done if r.get("images_per_s")]})
     eager = next((r for r in rows if r.get("images_per_s") and not r.get("compile") and r.get("kernels") == "torch"
                   and r.get("amp") == "off"), None)
     for name in loaders:
@@ -267,6 +280,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--train", action="store_true", help="also measure training and end-to-end rows")
     p.add_argument("--preset", default="cpu-demo", help="engine preset for the --train rows")
     p.add_argument("--steps", type=int, default=10, help="steps per timed pass of a train row")
+    p.add_argument("--repeats", type=int, default=1, help="fresh-process runs of each train row, interleaved "
+                   "(the row is the median run)")
     p.add_argument("--engine-args", default="", help="engine.train flags applied on top of --preset for the "
                    "--train rows, e.g. \"--width 0.5 --size 64\"")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)

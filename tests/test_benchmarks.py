@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
 def test_throughput_train_rows_schema(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--train", "--loaders", "resident", "--augment", "on",
-           "--batches", "2", "--batch-size", "16", "--passes", "1", "--steps", "2", "--size", "32",
+           "--batches", "2", "--batch-size", "16", "--passes", "1", "--steps", "2", "--size", "32", "--repeats", "2",
            "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
            # aot_eager: the compiled rows go through dynamo/AOTAutograd in seconds, not inductor's minutes
            "--engine-args", "--width 0.0625 --batch-size 16 --compile-backend aot_eager"]
@@ -38,6 +40,7 @@ def test_throughput_train_rows_schema(tmp_path):
     eager = next(r for r in train if not r["compile"] and r["amp"] == "off" and r["kernels"] == "torch")
     assert eager["ratio_vs_eager"] == 1.0 and eager["compile_s"] == 0
     for r in train:
+        assert len(r["images_per_s_runs"]) == 2 and r["images_per_s"] == pytest.approx(min(r["images_per_s_runs"]), abs=0.1)
         assert abs(r["ratio_vs_eager"] - r["images_per_s"] / eager["images_per_s"]) < 1e-9
         assert (r["compile_s"] > 0) == r["compile"]          # compile time is its own column
 
