@@ -24,8 +24,10 @@ in the same run. Results in the README name the machine they came from.
 Measured (2-core Xeon VM with AMX, no GPU, torch 2.14.1 CPU, quiet machine, commit 12828b8,
 CIFAR-10 JPEGs via `--data shared --train --augment on --batches 8 --steps 20 --passes 5`):
 loaders at 128px: dali 17.3x, ffcv 8.2x, resident 7.9x torchvision (301 images/s);
-cpu-demo step: compiled 1.71x eager in fp32 (724 vs 422 images/s), bf16 eager 1.21x,
-compiled bf16 2.11x; cold inductor compile 119-133 s, reported apart from images/s.
+cpu-demo step: compiled 1.71x eager in fp32 (724 vs 422 images/s), compiled bf16 2.11x;
+cold inductor compile 119-133 s, reported apart from images/s. Single runs vary (another:
+1.25x), so with `--repeats 3` (commit ede8ff0): compiled 1.39x eager (median; 1.31-1.50x over
+all pairings), compiled bf16 1.59x. Results JSON: benchmarks/results/.
 """
 from __future__ import annotations
 
