@@ -183,9 +183,12 @@ def resolve_compile(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "on"
 
 
-def cosine_lr(stage: Stage, step: int, total: int) -> float:
-    """lr annealed from stage.lr_start to stage.lr_end over the stage's steps."""
-    t = min(step / max(total - 1, 1), 1.0)
+def cosine_lr(stage: Stage, step: int, total: int, warmup: int = 0) -> float:
+    """lr annealed from stage.lr_start to stage.lr_end over the stage's steps, after a linear
+    warm-up over the first `warmup` steps (if any)."""
+    if step < warmup:
+        return stage.lr_start * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup - 1, 1), 1.0)
     return stage.lr_end + (stage.lr_start - stage.lr_end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -453,6 +456,9 @@ class Trainer:
         self.last_bad = bad
         return logits.detach(), loss.detach()
 
+    def lr_at(self, stage: Stage, step: int, total: int) -> float:
+        return cosine_lr(stage, step, total, warmup=round(stage.warmup_epochs * len(self.train_loader)))
+
     def _epoch_batches(self, start_batch: int):
         """An iterator over this epoch's batches from `start_batch` (resume): the loader's own
         `set_epoch(epoch, start_batch=k)` when it has one, else the first k drawn and dropped."""
@@ -495,7 +501,7 @@ class Trainer:
                 break
             wait += time.perf_counter() - t_wait
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(stage, step, total)
+                g["lr"] = self.lr_at(stage, step, total)
             if self.global_step in self._nan_steps:      # test hook: a poisoned batch
                 x = x * float("nan")
             x_mix, y_soft = mixup(x, y) if mixup else (x, F.one_hot(y, self.data.num_classes).float())
@@ -721,7 +727,7 @@ class Trainer:
                 self._loader_epoch = P["epoch_global"]
                 self.train_loader.set_epoch(P["epoch_global"])
                 self._ctx = (si, epoch)
-                lr = cosine_lr(stage, P["stage_step"] - start, total)       # the row's lr: the epoch's first
+                lr = self.lr_at(stage, P["stage_step"] - start, total)      # the row's lr: the epoch's first
                 train, P["stage_step"] = self.train_epoch(
                     opt, stage, mixup, P["stage_step"], total, f"{stage.name} {epoch + 1}/{epochs}",
                     start_batch=start, partial=partial if start else None)

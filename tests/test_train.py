@@ -46,6 +46,12 @@ def test_stage_schedule_lrs_and_alphas():
         assert math.isclose(cosine_lr(stage, total - 1, total), stage.lr_end)
         lrs = [cosine_lr(stage, k, total) for k in range(total)]
         assert all(a >= b for a, b in zip(lrs, lrs[1:]))     # annealed monotonically
+    warm, _ = config_from_args(["--preset", "seed", "--warmup-epochs", "0.5", "--stages", "finetuning1,finetuning2"])
+    first, second = (s for s, _ in warm.stage_plan())
+    assert (first.name, first.warmup_epochs, second.warmup_epochs) == ("finetuning1", 0.5, 0.0)  # first run stage only
+    lrs = [cosine_lr(first, k, 20, warmup=4) for k in range(20)]
+    assert lrs[:4] == pytest.approx([first.lr_start * k / 4 for k in (1, 2, 3, 4)])           # linear, up to lr_start
+    assert lrs[-1] == pytest.approx(first.lr_end) and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     demo, _ = config_from_args(["--preset", "cpu-demo", "--stages", "finetuning2,finetuning3", "--epochs", "3"])
     assert [(s.name, e) for s, e in demo.stage_plan()] == [("finetuning2", 3), ("finetuning3", 3)]
     assert demo.stage_plan()[0][0].lr_start == pytest.approx(5e-6 * demo.lr_scale)
