@@ -15,9 +15,10 @@ in the same run. Results in the README name the machine they came from.
   AdamW), eager vs compiled, fused kernels (triton) vs reference (torch) and AMP off/bf16
   where they apply (Triton only on CUDA: on a CPU it runs only in its interpreter; bf16 on
   CUDA and on CPUs whose flags claim native bf16). images/s is the median of `--passes`
-  runs of `--steps` steps; with `--repeats R` each combo runs in R fresh processes, round-robin,
-  and the row is the median run (the lower middle for even R; all R listed). The ratio is against the eager/torch/amp-off
-  row; compile time is its own column, never in images/s.
+  runs of `--steps` steps; with `--repeats R` each combo runs in R fresh processes,
+  round-robin, and the row is the median run (the lower middle for even R; all R listed).
+  The ratio is against the eager/torch/amp-off row; compile time is its own column, never
+  in images/s.
 - kind=end_to_end: loader + step together over `--batches` batches for each loader (one
   warm-up epoch first), with the fraction of the time spent waiting for data.
 
@@ -167,7 +168,8 @@ def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
             pass
         return dict(kind="train", compile=compile_, kernels=kernels, amp=amp, loader=None, images_per_s=ips,
                     compile_s=round(compile_s, 2), compile_cache=compile_cache(),
-                    tflops=round(ips * flops / 1e12, 3) if flops else None, batch_size=y.shape[0], size=t.spec.size, preset=args.preset, device=str(t.device))
+                    tflops=round(ips * flops / 1e12, 3) if flops else None, batch_size=y.shape[0],
+                    size=t.spec.size, preset=args.preset, device=str(t.device))
 
 
 def measure_end_to_end(args, loader: str) -> dict:
@@ -176,6 +178,7 @@ def measure_end_to_end(args, loader: str) -> dict:
 
     import torch
     from engine.config import STAGES
+    from engine.train import amp_name
     from loaders.base import LoaderOptions, build_loader
     with tempfile.TemporaryDirectory() as tmp:
         t = _trainer(args, tmp, loader=loader)
@@ -192,10 +195,10 @@ def measure_end_to_end(args, loader: str) -> dict:
             if p:
                 stats.append(r)
         mid = sorted(stats, key=lambda r: r["images_per_s"])[len(stats) // 2]
-        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.amp], loader=loader,
-                    images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
-                    compile_s=round(compile_s, 2), compile_cache=compile_cache(), batch_size=t.cfg.batch_size, size=t.spec.size,
-                    preset=args.preset, device=str(t.device))
+        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp=amp_name(t.amp),
+                    loader=loader, images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
+                    compile_s=round(compile_s, 2), compile_cache=compile_cache(), batch_size=t.cfg.batch_size,
+                    size=t.spec.size, preset=args.preset, device=str(t.device))
 
 
 def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
@@ -262,7 +265,8 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
         wait = f"{r['data_wait_frac']:.0%}" if r.get("data_wait_frac") is not None else "-"
         print(f"{r['kind']:<11} {str(r.get('loader') or '-'):<12} {str(bool(r.get('compile'))):<8} "
               f"{str(r.get('kernels')):<8} {str(r.get('amp')):<5} {ips:>9} {ratio:>8} {r.get('compile_s', '-'):>9} "
-              f"{wait:>9}" + (f"  (compile cache {r['compile_cache']})" if r.get("compile_cache") else "") + (f"  ({r['error']})" if r.get("error") else ""))
+              f"{wait:>9}" + (f"  (compile cache {r['compile_cache']})" if r.get("compile_cache") else "")
+              + (f"  ({r['error']})" if r.get("error") else ""))
     return rows
 
 

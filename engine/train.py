@@ -163,17 +163,24 @@ def cpu_bf16_pays() -> bool:
     return best[torch.bfloat16] < 0.9 * best[None]
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The --amp name of a resolved autocast dtype ("off", "bf16", "fp16")."""
+    return next(k for k, v in AMP_DTYPES.items() if v == dtype)
+
+
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA by default; on CPU only where bf16 measurably beats float32
     (`cpu_bf16_pays`); fp16 (with a gradient scaler) on request."""
-    table = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_bf16_pays() else None
-    if name not in table:
+    if name not in AMP_DTYPES:
         raise ConfigError(f"--amp {name!r}: use auto, bf16, fp16 or off")
-    return table[name]
+    return AMP_DTYPES[name]
 
 
 def resolve_compile(name: str, device: torch.device) -> bool:

@@ -13,7 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # metrics.csv columns that are clock readings: they differ between otherwise identical runs
 TIMING = {"images_per_s", "seconds", "data_wait_frac", "elapsed_s"}
-SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Triton decides at import/decoration time whether kernels are interpreted, and importing
@@ -21,6 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # any test module is collected (checked without importing torch).
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine.config import SHARED_CIFAR10  # noqa: E402  (no torch import: the env above stays first)
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +35,10 @@ def tiny_synthetic(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar_jpeg_dir(tmp_path_factory):
     """../shared/datasets CIFAR-10 JPEGs unpacked once per session (ImageFolder layout)."""
-    if not SHARED_CIFAR.exists():
-        pytest.skip(f"real data absent: {SHARED_CIFAR} not found (../shared is not beside this checkout)")
+    if not SHARED_CIFAR10.exists():
+        pytest.skip(f"real data absent: {SHARED_CIFAR10} not found (../shared is not beside this checkout)")
     out = tmp_path_factory.mktemp("cifar10")
-    with tarfile.open(SHARED_CIFAR) as t:
+    with tarfile.open(SHARED_CIFAR10) as t:
         t.extractall(out, filter="data")
     return out
 

@@ -40,7 +40,8 @@ def test_throughput_train_rows_schema(tmp_path):
     eager = next(r for r in train if not r["compile"] and r["amp"] == "off" and r["kernels"] == "torch")
     assert eager["ratio_vs_eager"] == 1.0 and eager["compile_s"] == 0
     for r in train:
-        assert len(r["images_per_s_runs"]) == 2 and r["images_per_s"] == pytest.approx(min(r["images_per_s_runs"]), abs=0.1)
+        runs = r["images_per_s_runs"]
+        assert len(runs) == 2 and r["images_per_s"] == pytest.approx(min(runs), abs=0.1)   # lower middle
         assert abs(r["ratio_vs_eager"] - r["images_per_s"] / eager["images_per_s"]) < 1e-9
         assert (r["compile_s"] > 0) == r["compile"]          # compile time is its own column
 
