@@ -330,7 +330,7 @@ def main(argv=None) -> list[dict]:
     if args.train:
         rows += train_rows(args, names, info)
     if args.json:
-        from loaders.fsutil import atomic_write
+        from loaders.common import atomic_write
         atomic_write(args.json, json.dumps(rows, indent=2))
     return rows
 

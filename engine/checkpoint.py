@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders.fsutil import ConfigError, atomic_path
+from loaders.common import ConfigError, atomic_path
 
 LAST, PREV = "last.pt", "prev.pt"
 FORMAT = 1

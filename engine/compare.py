@@ -23,7 +23,7 @@ from engine.config import config_from_args
 from engine.metrics import read_csv
 from engine.models import build_model, count_params, forward_flops
 from engine.train import Trainer
-from loaders.fsutil import ConfigError, atomic_path, atomic_write
+from loaders.common import ConfigError, atomic_path, atomic_write
 
 COLUMNS = ("model", "params", "gflops_per_image", "best_val_acc", "time_to_target_s", "images_per_s", "wall_s")
 

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 from loaders.spec import AUGMENTATIONS, AugmentSpec
 
 

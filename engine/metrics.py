@@ -5,7 +5,7 @@ import csv
 import io
 from pathlib import Path
 
-from loaders.fsutil import atomic_path, atomic_write
+from loaders.common import atomic_path, atomic_write
 
 COLUMNS = ("stage", "epoch", "lr", "mixup_alpha", "train_loss", "train_acc", "val_loss", "val_acc",
            "images_per_s", "seconds")

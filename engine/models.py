@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 
 ARCHS = ("vgg", "deep", "dropout", "nodropout_concat")
 PASSTHROUGHS = ("residual", "dense")

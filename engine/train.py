@@ -71,9 +71,8 @@ from engine.config import Config, Stage, config_from_args
 from engine.metrics import plot_curves, write_csv
 from engine.models import MIN_SIZE, build_model, count_params
 from loaders.base import LoaderOptions, build_loader, dist_rank_world, loader_class
-from loaders.datasets import DISK_FULL, load_dataset
-from loaders.fsutil import ConfigError, atomic_write
-from loaders.resident import device_free_bytes
+from loaders.common import DISK_FULL, ConfigError, atomic_write, device_free_bytes
+from loaders.datasets import load_dataset
 
 _OWN_PROCESS_GROUP = False
 

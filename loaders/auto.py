@@ -20,8 +20,8 @@ import time
 import torch
 
 from loaders import base
-from loaders.fsutil import ConfigError, atomic_write
-from loaders.resident import device_free_bytes, needed_bytes
+from loaders.common import ConfigError, atomic_write, device_free_bytes
+from loaders.resident import needed_bytes
 
 RESIDENT_SHARE = 0.5       # leave the other half of the device to the model and activations
 PROBE_BATCHES = 4

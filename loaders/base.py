@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 
 # name -> "module:Class"; imported lazily so a machine without DALI/FFCV still works.
 LOADERS = {

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -55,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.fsutil import ConfigError, atomic_path, atomic_write
+from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock
 
 MANIFEST_VERSION = 2            # 2: files-<fingerprint> folders, skip reasons, dropped classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -175,7 +174,7 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
     out = split.cache_dir / f"{split.name}-decoded-{h}x{w}.npy"
     key = _hash("\n".join(split.paths))[:12]
     meta = out.with_suffix(".key")
-    with _lock(split.cache_dir):
+    with file_lock(split.cache_dir / ".lock"):
         if out.exists() and meta.exists() and meta.read_text() == key:
             return np.load(out, mmap_mode="r")
         arr = np.empty((len(split), h, w, 3), np.uint8)
@@ -200,19 +199,6 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the cache
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-@contextlib.contextmanager
-def _lock(cache_dir: Path):
-    """Exclusive lock on <cache_dir>/.lock for the check-and-build (ranks, parallel runs)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
@@ -221,7 +207,7 @@ def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
     st = archive.stat()
     out = cache_root.resolve() / f"archive-{_hash(f'{archive}|{st.st_size}|{st.st_mtime_ns}')[:10]}"
     tree = out / "tree"
-    with _lock(out):
+    with file_lock(out / ".lock"):
         if not tree.is_dir():
             tmp = out / "tree.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +228,7 @@ def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
 
 def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:
     manifest_path = cache_dir / "manifest.json"
-    with _lock(cache_dir):
+    with file_lock(cache_dir / ".lock"):
         m = None
         if manifest_path.exists():
             try:

@@ -94,7 +94,6 @@ from __future__ import annotations
 import contextlib
 import _thread
 import ctypes
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -139,10 +138,8 @@ with _torch_threads_kept():
 
 from loaders.augment import augment
 from loaders.base import LoaderOptions, epoch_indices
-from loaders.fsutil import ConfigError, atomic_path, atomic_write
-from loaders.resident import device_free_bytes, storage_size
+from loaders.common import ConfigError, atomic_path, atomic_write, device_free_bytes, file_lock, read_rgb, storage_size
 from loaders.spec import AugmentSpec
-from loaders.torchvision import read_rgb
 
 
 def _os_cache_reader(self):
@@ -208,7 +205,7 @@ def stored_size(split, spec: AugmentSpec, options: BetonOptions = BetonOptions()
     """(H, W) the split is stored at in the .beton."""
     if options.resolution == "train":
         return spec.size, spec.size
-    return storage_size(split, spec)
+    return storage_size(split, spec.size)
 
 
 def _read(path: str, hw: tuple[int, int]) -> np.ndarray:
@@ -406,17 +403,6 @@ def _prune_stale(path: Path) -> None:
                     f.unlink()
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / (path.name.rsplit("-", 1)[0] + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_beton(split, hw: tuple[int, int], options: BetonOptions = BetonOptions(), *,
                  workers: int = 2, strict: bool = False, force: bool = False) -> Beton:
     """The split's .beton at stored size `hw`: reused when complete and current, else
@@ -425,7 +411,7 @@ def ensure_beton(split, hw: tuple[int, int], options: BetonOptions = BetonOption
     if len(split) == 0:
         raise ConfigError(f"ffcv: the {split.name} split has no images; check --data")
     path = beton_path(split, hw, options)
-    with _locked(path):
+    with file_lock(path.parent / (path.name.rsplit("-", 1)[0] + ".lock")):
         b = None if force else _existing(path, len(split))
         if b is None:
             b = _write(split, hw, options, path, workers, strict)

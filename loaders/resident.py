@@ -29,15 +29,13 @@ free bytes; CPU: MemAvailable). The probe is injectable (`free_bytes=`) for test
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from loaders.augment import augment
 from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices
 from loaders.datasets import decoded
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError, device_free_bytes, storage_size
 from loaders.spec import AugmentSpec
 
 # Per image of a batch while augmenting: float32 source/colour temporaries, warp output,
@@ -45,33 +43,10 @@ from loaders.spec import AugmentSpec
 _WORKSPACE_PER_PIXEL = 48
 
 
-def device_free_bytes(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device` (CUDA: free memory; CPU: MemAvailable)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def storage_size(split, spec: AugmentSpec) -> tuple[int, int]:
-    """(H, W) the split is stored at: native when uniform and <= the training size."""
-    sizes = set(split.sizes)
-    if len(sizes) == 1:
-        h, w = next(iter(sizes))
-        if h <= spec.size and w <= spec.size:
-            return h, w
-    return spec.size, spec.size
 
 
 def needed_bytes(split, spec: AugmentSpec, opts: LoaderOptions) -> int:
-    h, w = storage_size(split, spec)
+    h, w = storage_size(split, spec.size)
     data = len(split) * h * w * 3 + len(split) * 8
     return data + opts.batch_size * spec.size * spec.size * _WORKSPACE_PER_PIXEL
 
@@ -88,13 +63,13 @@ class ResidentLoader:
         need = needed_bytes(split, spec, opts)
         have = int((free_bytes or device_free_bytes)(dev))
         if need > have:
-            h, w = storage_size(split, spec)
+            h, w = storage_size(split, spec.size)
             raise ConfigError(
                 f"resident loader: the {split.name} split does not fit on {dev}: it needs "
                 f"{_fmt(need)} ({len(split)} images {h}x{w}x3 uint8 + labels + one batch of "
                 f"augmentation workspace) but only {_fmt(have)} are available; use "
                 "--loader torchvision (or dali/ffcv), a smaller dataset or a smaller --batch-size")
-        h, w = storage_size(split, spec)
+        h, w = storage_size(split, spec.size)
         arr = decoded(split) if set(split.sizes) == {(h, w)} else decoded(split, spec.size)
         self.images = torch.from_numpy(np.array(arr)).to(dev)        # (N,H,W,3) uint8
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=dev)

@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices, to_model_layout
+from loaders.common import read_rgb
 from loaders.spec import AugmentSpec
 
 BILINEAR = InterpolationMode.BILINEAR
@@ -58,12 +59,6 @@ def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
     return v2.Compose(ops)
 
-
-def read_rgb(path: str) -> torch.Tensor:
-    """uint8 CHW RGB tensor of an image file (PIL decode, as torchvision's ImageFolder does;
-    torchvision.io's decoders are deprecated from 0.29)."""
-    with Image.open(path) as im:
-        return v2.functional.pil_to_tensor(im.convert("RGB"))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -25,7 +25,7 @@ from PIL import Image
 from engine.train import main
 from loaders.base import LoaderOptions, available_loaders, build_loader
 from loaders.datasets import load_dataset
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 from loaders.spec import AugmentSpec
 
 ROOT_USER = os.geteuid() == 0

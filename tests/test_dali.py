@@ -31,7 +31,8 @@ from loaders.base import Loader, LoaderOptions, build_loader  # noqa: E402
 from loaders.dali import DaliLoader, Draws, dali_rejects, shard_bounds  # noqa: E402
 from loaders.datasets import Split  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
-from loaders.torchvision import read_rgb, reference_transform  # noqa: E402
+from loaders.common import read_rgb
+from loaders.torchvision import reference_transform  # noqa: E402
 
 BIL = InterpolationMode.BILINEAR
 GEOM = ("flip", "crop", "rotate", "translate", "perspective")

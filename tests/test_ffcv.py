@@ -34,7 +34,7 @@ from loaders import augment as A  # noqa: E402
 from loaders import ffcv as F  # noqa: E402
 from loaders.base import LoaderOptions, build_loader, epoch_indices  # noqa: E402
 from loaders.datasets import Split, load_dataset  # noqa: E402
-from loaders.fsutil import ConfigError  # noqa: E402
+from loaders.common import ConfigError  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

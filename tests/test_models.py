@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine.models import (ARCHS, PASSTHROUGHS, BNSiLU, PassThrough, build_model, count_params,
                            forward_flops, variants)
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = variants()

@@ -27,7 +27,7 @@ from engine.config import config_from_args
 from engine.train import Trainer, convert_sync_batchnorm, main
 from loaders.base import LoaderOptions, available_loaders, build_loader
 from loaders.datasets import load_dataset
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 from loaders.spec import AugmentSpec
 from tests.conftest import ROOT, TIMING
 from tests.test_train import make_tiny_folder

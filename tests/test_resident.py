@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loaders.base import LoaderOptions, build_loader
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 from loaders.resident import ResidentLoader, needed_bytes
 from loaders.spec import AugmentSpec
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from loaders.datasets import SyntheticConfig, decoded, load_dataset
-from loaders.fsutil import ConfigError
+from loaders.common import ConfigError
 from loaders.spec import AUGMENTATIONS, MEAN, STD, AugmentSpec
 
 

@@ -8,7 +8,8 @@ import torch
 
 from loaders.base import Loader, LoaderOptions, build_loader, epoch_indices
 from loaders.spec import AugmentSpec
-from loaders.torchvision import read_rgb, reference_transform
+from loaders.common import read_rgb
+from loaders.torchvision import reference_transform
 
 
 def opts(**kw):
@@ -95,6 +96,6 @@ def test_augmented_batches_vary_and_stay_in_range(tiny_synthetic):
 
 
 def test_unknown_loader_is_a_config_error(tiny_synthetic):
-    from loaders.fsutil import ConfigError
+    from loaders.common import ConfigError
     with pytest.raises(ConfigError, match="unknown loader 'nope'; use one of: torchvision"):
         build_loader("nope", tiny_synthetic.val, AugmentSpec(), opts())

@@ -1,0 +1,108 @@
+"""Helpers shared by every loader backend and the engine: the one place for each of them.
+
+- `ConfigError`: bad user input; one line (what, where, how to fix), printed without a
+  traceback, exit 2.
+- `atomic_path` / `atomic_write`: every file the project writes (manifests, decoded caches,
+  .beton files, checkpoints, metrics) goes through a temp file in the same folder, fsync,
+  then rename, so a kill or a full disk leaves the previous version intact. `DISK_FULL` are
+  the errnos that mean "no space".
+- `file_lock`: an exclusive flock on a lock file, used for every check-and-build of a cache.
+- `device_free_bytes`: what can still be allocated on a device (CUDA free memory, CPU
+  MemAvailable).
+- `read_rgb`: one image file -> uint8 CHW RGB tensor (PIL, as torchvision's ImageFolder).
+- `storage_size`: the size a split is kept at by loaders that store decoded pixels.
+
+Loader backends never import each other; what two of them need lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line: what is wrong, where, and how to fix it.
+    The CLIs print it without a traceback and exit with code 2."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp path beside `path`; on success it is renamed over `path`.
+
+    On any failure (including a full disk) the temp file is removed and `path` keeps its
+    previous content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def file_lock(lock_file: str | os.PathLike):
+    """Exclusive flock on `lock_file` (created if missing) for a check-and-build."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (CUDA: free memory; CPU: MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """uint8 CHW RGB tensor of an image file (PIL decode, as torchvision's ImageFolder does;
+    torchvision.io's decoders are deprecated from 0.29)."""
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    with Image.open(path) as im:
+        return pil_to_tensor(im.convert("RGB"))
+
+
+def storage_size(split, size: int) -> tuple[int, int]:
+    """(H, W) a split's decoded pixels are kept at: native when every image shares one size
+    no larger than the training `size` (the upscale then happens inside the warp), else
+    `size` x `size`."""
+    sizes = set(split.sizes)
+    if len(sizes) == 1:
+        h, w = next(iter(sizes))
+        if h <= size and w <= size:
+            return h, w
+    return size, size
