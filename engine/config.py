@@ -76,17 +76,12 @@ class Config:
     log_every: int = 20              # steps between progress-bar reads of the device metrics
     aug: dict = field(default_factory=dict)       # AugmentSpec overrides (not size)
     no_aug: tuple[str, ...] = ()     # augmentations switched off
-    # Reliability (issue 8)
     resume: str = ""                 # run folder to continue: --resume runs/NAME
     checkpoint_every: int = 0        # also checkpoint every N steps inside an epoch (0 = off)
     max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
     strict: bool = False             # bad data (skipped files, empty class folders) is an error
     sync_bn: bool = False            # torchrun: SyncBatchNorm across ranks (CUDA)
     deterministic: bool = False      # torch.use_deterministic_algorithms (bitwise resume)
-    # Test hooks (debug_*): harmless when unset
-    debug_nan_steps: tuple[int, ...] = ()   # poison the batch at these global steps (0-based)
-    debug_step_sleep: float = 0.0    # sleep after every step (lets a test kill a run mid-epoch)
-    record_samples: str = ""         # folder: each rank writes the samples it saw and its weights
 
     def spec(self) -> AugmentSpec:
         try:
@@ -139,8 +134,7 @@ PRESETS: dict[str, dict] = {
 # (a different --device or --compile changes float rounding, not the recipe). Anything else
 # given with --resume must equal the run's value.
 RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
-               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic",
-               "debug_nan_steps", "debug_step_sleep", "record_samples")
+               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic")
 
 
 def _parse_value(text: str, example, annotation: str = ""):

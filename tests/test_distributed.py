@@ -1,4 +1,4 @@
-"""Issue 8: DDP under torchrun with gloo on CPU, 2 processes.
+"""DDP under torchrun with gloo on CPU, 2 processes.
 
 One torchrun launch runs this file as its worker program (`-m tests.test_distributed`),
 which trains the same tiny run once per available loader, each a full `engine.train.main`
@@ -154,7 +154,7 @@ def test_resume_under_torchrun_after_sigkill(launched):
     work, _, _ = launched
     pos = torch.load(work / "runs" / "victim" / "last.pt", weights_only=False)["position"]
     assert pos["batch"] > 0 and not (work / "runs" / "victim" / "summary.json").exists()
-    proc = torchrun("-m", "engine.train", "--resume", str(work / "runs" / "victim"),
+    proc = torchrun("-m", "tests.hooked_train", "--resume", str(work / "runs" / "victim"),
                     "--record-samples", str(work / "rec" / "resumed"))
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-4000:]
@@ -179,7 +179,7 @@ def _driver(work: str, names: str) -> None:
     takes the engine's own initialisation."""
     import torch.distributed as dist
 
-    from engine.train import main
+    from tests.hooked_train import main
     dist.init_process_group("gloo")
     work = Path(work)
     for name in names.split(","):
