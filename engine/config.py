@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class Config:
         except TypeError as e:
             raise ConfigError(f"bad --aug override ({e}); fields: {', '.join(AugmentSpec.field_names())}") from None
         except ValueError as e:
-            raise ConfigError(f"{e}; fix the --aug override") from None
+            raise ConfigError(f"{e} (the preset's --aug values with yours on top); fix the --aug.FIELD flag") from None
         return spec.without(*self.no_aug) if self.no_aug else spec
 
     def stage_plan(self) -> list[tuple[Stage, int]]:
@@ -151,9 +152,16 @@ def _parse_value(text: str, example, annotation: str = ""):
     return type(example)(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line ConfigError instead of a usage dump."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see python -m engine.train --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default cpu-demo)")
     defaults = Config()
     for f in fields(Config):
@@ -251,7 +259,41 @@ def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace
                                   "start a new run for a different recipe")
         over = {k: v for k, v in over.items() if k in RESUME_SAFE and k != "resume"}
     cfg = dataclasses.replace(cfg, **over)
-    if cfg.checkpoint_every < 0 or cfg.max_bad_steps < 1:
-        raise ConfigError("--checkpoint-every must be >= 0 and --max-bad-steps >= 1")
-    cfg.spec(), cfg.stage_plan()     # validate early: one-line errors before any work
+    validate(cfg)                    # one-line errors before any work
     return cfg, ns
+
+
+MIN_SIZE = 32                        # the models halve the image five times
+
+# flag -> (test, what it must be, an example of a good value)
+_RANGES = {
+    "batch_size": (lambda v: v >= 1, ">= 1", 64),
+    "size": (lambda v: v >= MIN_SIZE, f">= {MIN_SIZE} (the models halve the image five times)", 128),
+    "width": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0", 0.25),
+    "lr_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0", 1.0),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 0.05),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)", 0.1),
+    "warmup_epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 1),
+    "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)", 0.9),
+    "workers": (lambda v: v >= 0, ">= 0", 2),
+    "seed": (lambda v: v >= 0, ">= 0", 0),
+    "max_params": (lambda v: v >= 1, ">= 1", 5_000_000),
+    "log_every": (lambda v: v >= 1, ">= 1", 20),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)", 100),
+    "max_bad_steps": (lambda v: v >= 1, ">= 1", 20),
+    "epochs": (lambda v: all(e >= 0 for e in v) and any(v), "counts >= 0, at least one > 0", "14,2,1,1"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Every numeric flag's range (NaN and inf included), the augmentation spec and the stage
+    plan: a one-line ConfigError naming the flag, the value and a good value."""
+    for name, (ok, rule, example) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"--{name.replace('_', '-')} {shown}: must be {rule}; e.g. --{name.replace('_', '-')} {example}")
+    cfg.spec()
+    if not cfg.stage_plan():
+        raise ConfigError(f"--epochs {','.join(map(str, cfg.epochs))} with --stages {cfg.stages}: no stage has an "
+                          "epoch to run; give the stages you run at least one epoch")

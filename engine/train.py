@@ -39,7 +39,7 @@ from engine.loop import (BadSteps, EpochSetup, EpochSums, Hooks, NonFiniteError,
                          train_epoch, warm_up_compile)
 from engine.memory import check_fits
 from engine.metrics import plot_curves, write_csv
-from engine.models import MIN_SIZE, build_model, count_params
+from engine.models import build_model, count_params
 from engine.precision import (amp_name, compile_count, configure_threads, resolve_amp, resolve_compile,
                               resolve_device)
 from engine.rundir import RunFolder, check_writable
@@ -72,9 +72,6 @@ class Trainer:
         if cfg.sync_bn and launched > 1 and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
                               "drop --sync-bn on CPU")
-        if cfg.size < MIN_SIZE:
-            raise ConfigError(f"--size {cfg.size} is too small: the models halve the image five times; "
-                              f"use --size {MIN_SIZE} or more")
         loader_class(cfg.loader)                     # a bad --loader fails before the data is read
         self.resume_state = self.resume_path = None
         if cfg.resume:
@@ -151,11 +148,15 @@ class Trainer:
             raise ConfigError(f"--data {self.cfg.data}: {d.num_classes} class(es) found "
                               f"({', '.join(d.classes) or 'none'}); a classifier needs at least 2 class folders")
         if self.resume_state is not None:
-            saved = self.resume_state.get("classes")
-            if saved is not None and list(saved) != list(d.classes):
+            st = self.resume_state
+            if list(st["classes"]) != list(d.classes):
                 raise ConfigError(f"--resume {self.cfg.resume}: the dataset's classes changed since the run "
-                                  f"started ({len(saved)} then, {d.num_classes} now: {', '.join(d.classes)[:80]}); "
-                                  "resume with the same data or start a new run")
+                                  f"started ({len(st['classes'])} then, {d.num_classes} now: "
+                                  f"{', '.join(d.classes)[:80]}); resume with the same data or start a new run")
+            if st["data_fingerprint"] != d.fingerprint:
+                raise ConfigError(f"--resume {self.cfg.resume}: the files of --data {self.cfg.data} changed since "
+                                  "the run started (its epochs would not be the ones it planned); restore them "
+                                  "or start a new run")
 
     def _run_path(self) -> Path:
         cfg = self.cfg
@@ -189,6 +190,7 @@ class Trainer:
                                     self.world)
         return dict(config=asdict(self.cfg), position=asdict(position), world=self.world,
                     progress=self.prog.to_dict(), rows=list(self.rows), classes=list(self.data.classes),
+                    data_fingerprint=self.data.fingerprint,
                     model=self.model.state_dict(), optimizer=opt.state_dict() if opt is not None else None,
                     scaler=self.engine.scaler.state_dict(), ranks=ranks)
 

@@ -123,7 +123,7 @@ def test_target_acc_stops_the_run_and_reports_time_images_and_loader(tiny_folder
     (["--width", "1.0", "--max-params", "1000"], "over --max-params 1,000"),
     (["--stages", "pretrain"], "unknown stage"),
     (["--batch-size", "many"], "--batch-size 'many': expected int"),
-    (["--size", "16"], "--size 16 is too small"),
+    (["--size", "16"], "--size 16: must be >= 32"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
