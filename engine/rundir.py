@@ -2,10 +2,10 @@
 
 Every write goes through `RunFolder.write`, which turns a full disk into a message naming
 the file and the space left instead of a traceback: for metrics, plots and reports the run
-warns and goes on (the previous file is intact: atomic writes); for a checkpoint it raises
-`DiskFull` (the CLI exits 2) unless `essential=False`. torch.save reports a full disk as a
-RuntimeError from its C++ writer, not an OSError, so both are recognised by what the disk has
-left. `check_writable` runs before any data is read, so a bad --out fails first.
+warns and goes on (the previous file is intact: atomic writes); for a checkpoint
+(`essential=True`) it raises `DiskFull` and the CLI exits 2 with the resume command, the last
+good checkpoint intact. torch.save reports a full disk as a RuntimeError from its C++ writer,
+not an OSError: both are recognised. `check_writable` runs before any data is read, so a bad --out fails first.
 """
 from __future__ import annotations
 
@@ -49,13 +49,14 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def is_disk_full(e: BaseException, where: Path) -> bool:
+# How torch.save's C++ writer reports a failed write (a full disk among them).
+_WRITER_FAILURES = ("iostream error", "unexpected pos", "failed writing", "file write failed")
+
+
+def is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in DISK_FULL
-    if isinstance(e, RuntimeError):          # torch.save's C++ writer: "iostream error", "unexpected pos"
-        free = _free_bytes(where)
-        return free is not None and free < 1 << 20
-    return False
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITER_FAILURES)
 
 
 class RunFolder:
@@ -75,13 +76,16 @@ class RunFolder:
             fn()
             return True
         except (OSError, RuntimeError) as e:
-            if not is_disk_full(e, self.path):
+            if not is_disk_full(e):
                 raise
             free = _free_bytes(self.path)
             left = f"{fmt_bytes(free)} left" if free is not None else "no space left"
+            old = self.path / name
+            if old.exists():
+                left += f", the previous one is {fmt_bytes(old.stat().st_size)}"
             if essential:
-                raise DiskFull(f"disk full writing {self.path / name} ({left}); the previous checkpoint "
-                               f"is intact; free some space, then: python -m engine.train --resume {self.path}") from None
+                raise DiskFull(f"disk full writing {old} ({left}); the previous checkpoint is intact; free "
+                               f"some space, then: python -m engine.train --resume {self.path}") from None
             print(f"warning: disk full writing {self.path / name} ({left}); the previous {name} is intact "
                   "and still usable; training goes on and retries at the next write", file=sys.stderr, flush=True)
             return False

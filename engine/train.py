@@ -195,7 +195,7 @@ class Trainer:
                     scaler=self.engine.scaler.state_dict(), ranks=ranks)
 
     def _save_last(self, state: dict) -> bool:
-        return self.folder.write("last.pt", lambda: save_rotating(self.out, state))
+        return self.folder.write("last.pt", lambda: save_rotating(self.out, state), essential=True)
 
     def _restore(self) -> tuple[Position, EpochSums | None]:
         """(position, this rank's partial-epoch sums) from the resume state, RNG restored."""
@@ -323,7 +323,7 @@ class Trainer:
             best_path = self.out / f"{stage.name}-best.pt"
             self.folder.write(best_path.name, lambda: save_checkpoint(
                 best_path, model=self._best[1], optimizer=opt.state_dict(), stage=si, epoch=epoch + 1,
-                rows=self.rows, config=asdict(cfg), classes=list(self.data.classes)))
+                rows=self.rows, config=asdict(cfg), classes=list(self.data.classes)), essential=True)
         self._save_last(state)
         if self.stop:
             raise Stopped(self.stop.signum, f"at the end of {stage.name} epoch {epoch + 1}: "
