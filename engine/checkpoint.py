@@ -50,6 +50,8 @@ class Progress:
     reached: dict | None = None    # --target-acc: seconds, images, where
     epoch_global: int = 0          # epochs done across stages: the loaders' epoch number
     global_step: int = 0
+    plan: list | None = None       # --budget: epochs per planned stage, as last (re)planned
+    budget_spent: float = 0.0      # --budget: wall seconds of earlier processes of this run
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -68,6 +68,7 @@ class Config:
     kernels: str = "auto"            # fused-op backend: auto (Triton on CUDA) | triton | torch
     tta: bool = False                # also report horizontal-flip test-time-augmented accuracy
     target_acc: float = 0.0          # stop when val accuracy reaches this (0 = run all stages)
+    budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
     workers: int = 2
     seed: int = 0
     max_params: int = 5_000_000
@@ -293,6 +294,14 @@ def validate(cfg: Config) -> None:
         if not ok(value):
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ConfigError(f"--{name.replace('_', '-')} {shown}: must be {rule}; e.g. --{name.replace('_', '-')} {example}")
+    if cfg.budget:
+        from engine.budget import parse_duration
+        try:
+            ok = parse_duration(cfg.budget) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--budget {cfg.budget}: not a duration; use e.g. --budget 4m, 90s or 1h30m")
     cfg.spec()
     if not cfg.stage_plan():
         raise ConfigError(f"--epochs {','.join(map(str, cfg.epochs))} with --stages {cfg.stages}: no stage has an "

@@ -28,11 +28,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import kernels
-from engine import distributed
+from engine import budget, distributed
 from engine.checkpoint import Position, Progress, load_resumable, rng_state, save_checkpoint, save_rotating, set_rng_state
 from engine.config import Config, Stage, config_from_args
 from engine.loop import (BadSteps, EpochSetup, EpochSums, Hooks, NonFiniteError, eval_batch_sizes, evaluate,
@@ -44,7 +45,7 @@ from engine.precision import (amp_name, compile_count, configure_threads, resolv
                               resolve_device)
 from engine.rundir import RunFolder, check_writable
 from engine.signals import StopFlag, Stopped, stop_on_signals
-from engine.step import build_engine
+from engine.step import build_engine, train_step
 from loaders.base import LoaderOptions, build_loader, loader_class
 from loaders.common import ConfigError, atomic_write
 from loaders.datasets import load_dataset
@@ -66,6 +67,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, hooks: Hooks | None = None):
         self.cfg, self.hooks, self.stop = cfg, hooks or Hooks(), StopFlag()
+        self.t_created = time.perf_counter()                 # the --budget clock starts here
+        self.budget_s = budget.parse_duration(cfg.budget) if cfg.budget else 0.0
         launched = distributed.launched_world()
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if launched > 1 else None)
         self._check_kernels()
@@ -93,6 +96,7 @@ class Trainer:
                   "per step", flush=True)
         kernels.set_backend(cfg.kernels)
         self.spec, self.plan = cfg.spec(), cfg.stage_plan()
+        self.weights = [e for _, e in self.plan]             # --budget keeps these proportions
         torch.manual_seed(cfg.seed)
         probe = build_model(cfg.model, passthrough=cfg.passthrough or None, width=cfg.width)
         self.params = count_params(probe)
@@ -189,7 +193,9 @@ class Trainer:
         ranks = distributed.gather(dict(rng=rng_state(), partial=None if partial is None else asdict(partial)),
                                     self.world)
         return dict(config=asdict(self.cfg), position=asdict(position), world=self.world,
-                    progress=self.prog.to_dict(), rows=list(self.rows), classes=list(self.data.classes),
+                    progress={**self.prog.to_dict(),
+                              "budget_spent": self.prog.budget_spent + time.perf_counter() - self.t_created},
+                    rows=list(self.rows), classes=list(self.data.classes),
                     data_fingerprint=self.data.fingerprint,
                     model=self.model.state_dict(), optimizer=opt.state_dict() if opt is not None else None,
                     scaler=self.engine.scaler.state_dict(), ranks=ranks)
@@ -217,11 +223,12 @@ class Trainer:
         return pos, (EpochSums(**partial) if partial else None)
 
     def _previous_best(self, si: int) -> dict:
-        """The best weights of planned stage si-1: from memory when this process trained it,
-        else from its <stage>-best.pt (a resumed run)."""
-        if self._best is not None and self._best[0] == si - 1:
+        """The best weights of the last stage before si that ran: from memory when this process
+        trained it, else from its <stage>-best.pt (a resumed run)."""
+        prev = max(j for j in range(si) if self.plan[j][1] > 0)     # stages planned at 0 epochs are skipped
+        if self._best is not None and self._best[0] == prev:
             return self._best[1]
-        path = self.out / f"{self.plan[si - 1][0].name}-best.pt"
+        path = self.out / f"{self.plan[prev][0].name}-best.pt"
         try:
             return torch.load(path, map_location=self.device, weights_only=False)["model"]
         except (OSError, RuntimeError, KeyError, EOFError) as e:
@@ -241,13 +248,15 @@ class Trainer:
             pos, partial = self._restore()
         P = self.prog
         n_batches = len(self.train_loader)
+        if self.budget_s:
+            self._plan_budget(n_batches)
         with stop_on_signals(self.stop, self.world):
-            for si, (stage, epochs) in enumerate(self.plan):
-                if si < pos.stage or P.reached:
+            for si, (stage, _) in enumerate(self.plan):
+                if si < pos.stage or P.reached or self.plan[si][1] == 0:
                     continue
                 fresh = not (si == pos.stage and (pos.epoch or pos.batch))
                 if fresh:
-                    if si > 0:                # each stage starts from the previous stage's best
+                    if any(self.plan[j][1] for j in range(si)):   # each stage starts from the previous stage's best
                         self.model.load_state_dict(self._previous_best(si))
                     P.stage_step, P.stage_best = 0, -1.0
                 opt = eng.optimizer(stage.lr_start)
@@ -256,13 +265,19 @@ class Trainer:
                     eng.scaler.load_state_dict(self.resume_state["scaler"])
                 mixup = v2.MixUp(alpha=stage.mixup_alpha, num_classes=self.data.num_classes) \
                     if stage.mixup_alpha > 0 else None
-                total, warmup = epochs * n_batches, round(stage.warmup_epochs * n_batches)
-                for epoch in range(0 if fresh else pos.epoch, epochs):
+                # a budget that shortens the stage shortens its warm-up in proportion
+                scale = self.plan[si][1] / self.weights[si] if self.budget_s else 1.0
+                warmup = round(stage.warmup_epochs * scale * n_batches)
+                epoch = 0 if fresh else pos.epoch
+                while epoch < self.plan[si][1]:              # a budget re-plan may change the count
+                    t_epoch = time.perf_counter()
+                    epochs = self.plan[si][1]
+                    total = epochs * n_batches
                     start = pos.batch if (not fresh and epoch == pos.epoch) else 0
                     step0 = P.stage_step - start
                     lr = cosine_lr(stage, step0, total, warmup)        # the row's lr: the epoch's first
                     setup = EpochSetup(
-                        opt=opt, lr=lambda s, st=stage: cosine_lr(st, s, total, warmup), mixup=mixup,
+                        opt=opt, lr=lambda s, st=stage, n=total: cosine_lr(st, s, n, warmup), mixup=mixup,
                         num_classes=self.data.num_classes, desc=f"{stage.name} {epoch + 1}/{epochs}",
                         epoch=P.epoch_global, step0=step0, start_batch=start, partial=partial if start else None,
                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -273,15 +288,71 @@ class Trainer:
                     partial = None
                     t_eval = time.perf_counter()
                     val = evaluate(eng, self.val_loader, cfg.tta)
-                    self._end_epoch(si, stage, epoch, epochs, opt, lr, train, val, time.perf_counter() - t_eval)
+                    if self.budget_s:
+                        self._replan_budget(si, epoch, time.perf_counter() - t_epoch)
+                    self._end_epoch(si, stage, epoch, opt, lr, train, val, time.perf_counter() - t_eval)
                     if P.reached:
                         break
+                    epoch += 1
         if self.rank == 0 and self.rows:
             self.folder.write("curves.png", lambda: plot_curves(
                 self.rows, self.out / "curves.png", title=f"{cfg.model} on {cfg.data} ({cfg.loader})"))
         if self.hooks.run_end:
             self.hooks.run_end(self.model)
         return self._summary(t_start, compile_s, graphs_after_warmup)
+
+    # --- the time budget ------------------------------------------------------------------------
+    def _budget_left(self) -> float:
+        spent = self.prog.budget_spent + time.perf_counter() - self.t_created
+        return budget.usable_seconds(self.budget_s) - spent
+
+    def _set_plan(self, epochs: list[int], why: str) -> None:
+        epochs = distributed.from_rank0(epochs, self.world)
+        self.plan = [(stage, e) for (stage, _), e in zip(self.plan, epochs)]
+        self.prog.plan = list(epochs)
+        if self.rank == 0:
+            print(f"budget {self.cfg.budget}: {why}; plan " + ", ".join(
+                f"{s.name} {e}" for s, e in self.plan) + f" epochs ({self._budget_left():.0f} s left)", flush=True)
+
+    def _plan_budget(self, n_batches: int) -> None:
+        """The first plan (or the saved one on resume), from a timed probe of the step."""
+        if self.prog.plan is not None:
+            self.plan = [(stage, e) for (stage, _), e in zip(self.plan, self.prog.plan)]
+            return
+        step_s = self._probe_step_seconds()
+        val_batches = -(-len(range(self.rank, len(self.data.val), self.world)) // self.cfg.batch_size)
+        epoch_s = n_batches * step_s + val_batches * step_s / 3          # evaluation: forward only
+        self._epoch_s = epoch_s
+        self._set_plan(budget.plan(self.weights, epoch_s, self._budget_left()),
+                       f"a step takes {step_s * 1e3:.0f} ms, an epoch about {epoch_s:.1f} s")
+
+    def _replan_budget(self, si: int, epoch: int, epoch_s: float) -> None:
+        """Re-plan from the measured epoch time when the projection moved by more than the margin."""
+        self._epoch_s = epoch_s if not hasattr(self, "_epoch_s") else 0.5 * (self._epoch_s + epoch_s)
+        done = [e if i < si else (epoch + 1 if i == si else 0) for i, (_, e) in enumerate(self.plan)]
+        new = budget.replan([e for _, e in self.plan], done, self.weights, self._epoch_s, self._budget_left())
+        if new is not None:
+            self._set_plan(new, f"an epoch takes {self._epoch_s:.1f} s")
+
+    def _probe_step_seconds(self) -> float:
+        """Seconds per training step, timed on random data (weights, statistics and RNG restored)."""
+        import copy
+        eng = self.engine
+        state = copy.deepcopy(self.model.state_dict())
+        x = torch.randn(self.cfg.batch_size, 3, self.spec.size, self.spec.size, device=self.device)
+        y = F.one_hot(torch.arange(self.cfg.batch_size, device=self.device) % self.data.num_classes,
+                      self.data.num_classes).float()
+        opt, times = eng.optimizer(0.0), []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for i in range(5):
+                t0 = time.perf_counter()
+                train_step(eng, opt, x, y)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i >= 2:                                  # the first steps allocate
+                    times.append(time.perf_counter() - t0)
+        self.model.load_state_dict(state)
+        return distributed.from_rank0(sorted(times)[len(times) // 2], self.world)
 
     def _checkpoint_mid(self, opt, si: int, epoch: int, batch: int, stage_step: int, global_step: int,
                         sums: EpochSums) -> bool:
@@ -291,8 +362,9 @@ class Trainer:
         state = self._state(opt, Position(si, epoch, batch), sums)
         return self._save_last(state) if self.rank == 0 else True
 
-    def _end_epoch(self, si, stage, epoch, epochs, opt, lr, train, val, eval_s) -> None:
+    def _end_epoch(self, si, stage, epoch, opt, lr, train, val, eval_s) -> None:
         cfg, P = self.cfg, self.prog
+        epochs = self.plan[si][1]
         P.elapsed += train["seconds"] + eval_s
         P.images += train.pop("images")
         row = dict(stage=stage.name, epoch=epoch + 1, lr=lr, mixup_alpha=stage.mixup_alpha,
@@ -342,6 +414,9 @@ class Trainer:
                        amp=amp_name(self.amp), threads=self.threads, resumed=self.resume_state is not None)
         if cfg.target_acc:
             summary["time_to_target"] = P.reached
+        if self.budget_s:
+            used = P.budget_spent + time.perf_counter() - self.t_created
+            summary.update(budget_s=self.budget_s, budget_used_s=used, plan=P.plan)
         if self.rank == 0:
             self.folder.write("summary.json", lambda: atomic_write(self.out / "summary.json",
                                                                   json.dumps(summary, indent=2)))
@@ -353,8 +428,10 @@ class Trainer:
             compiled = f", compile {compile_s:.1f} s" if self.use_compile else ""
             # After a resume this process's wall clock covers only its own part; train+eval is the run's.
             wall = "this process" if self.resume_state is not None else "wall"
+            spent = (f" | budget {cfg.budget}: used {summary['budget_used_s']:.0f} s "
+                     f"({summary['budget_used_s'] / self.budget_s:.0%})" if self.budget_s else "")
             print(f"best val acc {P.best_acc:.4f} ({P.best_at}) | train+eval {P.elapsed:.1f} s "
-                  f"({wall} {summary['wall_s']:.1f} s{compiled}){target} | "
+                  f"({wall} {summary['wall_s']:.1f} s{compiled}){target}{spent} | "
                   f"{self.params:,} params | run {self.out}", flush=True)
         return summary
 
