@@ -48,3 +48,43 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+@pytest.fixture
+def no_copies(monkeypatch):
+    """Counts every re-layout the fused kernels could do (tests/test_kernels_*.py):
+    Tensor.contiguous and the one helper (`kernels._common.relayout`) they use for
+    mismatched layouts."""
+    import torch
+
+    import kernels.batchnorm_silu as kbn
+    import kernels.mish as kmish
+    from kernels import _common
+    calls = []
+    original = torch.Tensor.contiguous
+
+    def contiguous(self, *a, **k):
+        calls.append("contiguous")
+        return original(self, *a, **k)
+
+    def relayout(t, ref, _orig=_common.relayout):
+        out = _orig(t, ref)
+        if out is not t:
+            calls.append("relayout")
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    for mod in (kbn, kmish):
+        monkeypatch.setattr(mod, "relayout", relayout)
+    return calls
+
+
+@pytest.fixture
+def no_tf32():
+    """Full fp32 convs/matmuls on a GPU: the block tests compare two models whose conv inputs
+    differ by fp32 rounding, which TF32 would amplify past the tolerances."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
