@@ -17,10 +17,12 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "pyyaml",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
-        "test": ["pytest", "pytest-timeout"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "pytest-timeout", "tensorboard"],
     },
 )

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class Config:
     tta: bool = False                # also report horizontal-flip test-time-augmented accuracy
     target_acc: float = 0.0          # stop when val accuracy reaches this (0 = run all stages)
     budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
+    log: str = ""                    # "tensorboard": also write TensorBoard events to <run>/tensorboard
     workers: int = 2
     seed: int = 0
     max_params: int = 5_000_000
@@ -136,7 +138,7 @@ PRESETS: dict[str, dict] = {
 # (a different --device or --compile changes float rounding, not the recipe). Anything else
 # given with --resume must equal the run's value.
 RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
-               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic")
+               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic", "log")
 
 
 def _parse_value(text: str, example, annotation: str = ""):
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", nargs="?", const="on", default=None,
                    help="torch.compile the model: auto (default: on CUDA), on, off")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
+    p.add_argument("--config", default=None, help="a YAML file of flags (field: value, aug: {field: value}), "
+                   "layered over the preset and under the command line")
     p.add_argument("--no-aug", default=None,
                    help=f"comma-separated augmentations to switch off, or 'all' ({', '.join(AUGMENTATIONS)})")
     return p
@@ -213,11 +217,50 @@ def saved_config(run_dir: str | Path) -> Config:
     return dataclasses.replace(cfg, out=str(run.resolve().parent), name=run.resolve().name, resume=str(run))
 
 
+def config_file_args(argv: list[str]) -> list[str]:
+    """The flags a `--config FILE` (YAML) stands for, to be parsed before the command line's own
+    (so the command line wins): `batch_size: 64` -> --batch-size 64, `epochs: [14, 2, 1, 1]` ->
+    --epochs 14,2,1,1, `aug: {rotate_degrees: 15}` -> --aug.rotate_degrees 15."""
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or \
+        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return []
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({str(e).splitlines()[0]}); pass a YAML file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}")
+    known = {f.name for f in fields(Config)} | {"preset", "no_aug"}
+
+    def text(key, v):
+        if isinstance(v, bool):
+            return ("on" if v else "off") if key == "compile" else str(v).lower()
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    out = []
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k == "aug" and isinstance(value, dict):
+            bad = [f for f in value if f not in AugmentSpec.field_names() or f == "size"]
+            if bad:
+                raise ConfigError(f"--config {path}: unknown aug field(s) {bad}; fields: "
+                                  f"{', '.join(n for n in AugmentSpec.field_names() if n != 'size')}")
+            out += [a for f, v in value.items() for a in (f"--aug.{f}", text(f, v))]
+        elif k in known and k not in ("aug", "resume"):
+            out += ["--" + k.replace("_", "-"), text(k, value)]
+        else:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; use the flag names of python -m "
+                              "engine.train --help without the dashes (e.g. batch_size: 64)")
+    return out
+
+
 def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace]:
     """Config from the command line: the preset, then the flags given. With --resume RUN:
     the run's own config, and only the RESUME_SAFE flags may differ from it."""
     parser = parser or build_parser()
-    ns = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(config_file_args(argv) + argv)
     preset = ns.preset or "cpu-demo"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
@@ -294,6 +337,8 @@ def validate(cfg: Config) -> None:
         if not ok(value):
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ConfigError(f"--{name.replace('_', '-')} {shown}: must be {rule}; e.g. --{name.replace('_', '-')} {example}")
+    if cfg.log not in ("", "tensorboard"):
+        raise ConfigError(f"--log {cfg.log}: use --log tensorboard (or leave it out)")
     if cfg.budget:
         from engine.budget import parse_duration
         try:

@@ -39,7 +39,7 @@ from engine.config import Config, Stage, config_from_args
 from engine.loop import (BadSteps, EpochSetup, EpochSums, Hooks, NonFiniteError, eval_batch_sizes, evaluate,
                          train_epoch, warm_up_compile)
 from engine.memory import check_fits
-from engine.metrics import plot_curves, write_csv
+from engine.metrics import TensorBoardLog, plot_curves, write_csv
 from engine.models import build_model, count_params
 from engine.precision import (amp_name, compile_count, configure_threads, resolve_amp, resolve_compile,
                               resolve_device)
@@ -72,6 +72,11 @@ class Trainer:
         launched = distributed.launched_world()
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if launched > 1 else None)
         self._check_kernels()
+        if cfg.log == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("--log tensorboard needs the tensorboard package: pip install -e .[tensorboard]") from None
         if cfg.sync_bn and launched > 1 and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
                               "drop --sync-bn on CPU")
@@ -132,6 +137,7 @@ class Trainer:
                  "amp": str(self.amp), "classes": list(self.data.classes), "world_size": self.world,
                  "threads": self.threads, "config": asdict(cfg)}, indent=2, default=str)))
         self.folder.point_latest()
+        self.tb = TensorBoardLog(self.out / "tensorboard") if cfg.log == "tensorboard" and self.rank == 0 else None
         if self.rank == 0:
             self._report_data()
         self.rows: list[dict] = []
@@ -297,6 +303,8 @@ class Trainer:
         if self.rank == 0 and self.rows:
             self.folder.write("curves.png", lambda: plot_curves(
                 self.rows, self.out / "curves.png", title=f"{cfg.model} on {cfg.data} ({cfg.loader})"))
+        if self.tb is not None:
+            self.tb.close()
         if self.hooks.run_end:
             self.hooks.run_end(self.model)
         return self._summary(t_start, compile_s, graphs_after_warmup)
@@ -391,6 +399,8 @@ class Trainer:
         if self.rank != 0:
             return
         self.folder.write("metrics.csv", lambda: write_csv(self.rows, self.out / "metrics.csv"))
+        if self.tb is not None:
+            self.tb.add_row(row, P.epoch_global)
         if improved:
             best_path = self.out / f"{stage.name}-best.pt"
             self.folder.write(best_path.name, lambda: save_checkpoint(
