@@ -2,6 +2,7 @@
 ../shared/datasets when present (tests that need them skip with a reason otherwise)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,22 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def run_two_ranks(script: str, split, tmp_path, timeout: int) -> list:
+    """Run `script` (python -c) as ranks 0 and 1 together; its argv: a file for the gloo
+    group's store, `split` as JSON (name, paths, labels, sizes, cache_dir: tmp_path/cache),
+    the rank. Returns each rank's last stdout line, parsed as JSON."""
+    spec_file = tmp_path / "split.json"
+    spec_file.write_text(json.dumps(dict(name=split.name, paths=split.paths, labels=split.labels,
+                                         sizes=split.sizes, cache_dir=str(tmp_path / "cache"))))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "store"), str(spec_file), str(r)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = []
+    for p in procs:
+        so, se = p.communicate(timeout=timeout)
+        assert p.returncode == 0, se[-3000:]
+        outs.append(json.loads(so.strip().splitlines()[-1]))
+    return outs
