@@ -97,10 +97,7 @@ def train_epoch(eng: Engine, loader, s: EpochSetup, bad: BadSteps, global_step: 
     dev = eng.device
     sums = s.partial or EpochSums(torch.zeros(4, device=dev))
     acc = sums.acc.to(dev).clone()
-    if s.start_batch:
-        loader.set_epoch(s.epoch, start_batch=s.start_batch)
-    else:
-        loader.set_epoch(s.epoch)
+    loader.set_epoch(s.epoch, start_batch=s.start_batch)
     n_batches = len(loader)
     bar = tqdm(total=n_batches, initial=s.start_batch, desc=s.desc, leave=False, dynamic_ncols=True,
                disable=not s.show_bar or not sys.stderr.isatty())

@@ -17,7 +17,6 @@ checkpoint and exit 128+signal.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

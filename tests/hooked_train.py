@@ -40,11 +40,8 @@ def hooks_from_args(argv: list[str]) -> tuple[Hooks, list[str]]:
 
         def epoch_end(loader, epoch, labels, start_batch):
             rank, world = dist_rank_world()
-            indices = getattr(loader, "sample_indices", None)
-            idx = None
-            if indices is not None:
-                skip = start_batch * loader.opts.batch_size if hasattr(loader, "opts") else 0
-                idx = [int(i) for i in indices(epoch)][skip: skip + len(labels)]
+            skip = start_batch * loader.opts.batch_size
+            idx = [int(i) for i in loader.sample_indices(epoch)][skip: skip + len(labels)]
             atomic_write(rec / f"rank{rank}-epoch{epoch}.json",
                          json.dumps(dict(rank=rank, world=world, epoch=epoch, indices=idx, labels=labels)))
 

@@ -8,7 +8,6 @@ timing columns of metrics.csv (images_per_s, seconds, data_wait_frac) differ.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import errno
 import json
 import math
@@ -29,10 +28,8 @@ from engine.distributed import convert_sync_batchnorm
 from engine.step import train_step
 from engine.train import Trainer
 from tests.hooked_train import hooks_from_args, main
-from loaders.base import LoaderOptions, available_loaders, build_loader
 from loaders.datasets import load_dataset
 from loaders.common import ConfigError
-from loaders.spec import AugmentSpec
 from tests.conftest import ROOT, TIMING
 from tests.test_train import make_tiny_folder
 
@@ -272,25 +269,6 @@ def test_full_disk_keeps_the_previous_dataset_cache(tmp_path, monkeypatch):
     extra.unlink()                                      # source as before: the old cache is used as is
     again = load_dataset(f"imagefolder:{root}", tmp_path / "cache2")
     assert manifest.stat().st_mtime_ns == stamp and again.train.paths == ds.train.paths
-
-
-@pytest.mark.parametrize("name, workers", [("torchvision", 0), ("torchvision", 2), ("resident", 0)])
-def test_batches_are_a_function_of_epoch_and_position(tiny_synthetic, name, workers):
-    """set_epoch(e, start_batch=k) yields exactly batches k.. of epoch e, whatever the workers."""
-    split = tiny_synthetic.train
-    split = dataclasses.replace(split, paths=split.paths[:40], labels=split.labels[:40], sizes=split.sizes[:40])
-    opts = LoaderOptions(train=True, batch_size=8, workers=workers, seed=3)
-    loader = build_loader(name, split, AugmentSpec(size=32), opts)
-    loader.set_epoch(2)
-    full = [(x.clone(), y.clone()) for x, y in loader]
-    assert len(full) == len(loader) == 5
-    loader.set_epoch(2, start_batch=3)
-    tail = list(loader)
-    assert len(tail) == 2 and len(loader) == 5
-    for (x, y), (x2, y2) in zip(full[3:], tail):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-    loader.set_epoch(2)
-    assert torch.equal(next(iter(loader))[0], full[0][0])
 
 
 def test_sync_batchnorm_conversion_keeps_the_fused_silu():
