@@ -63,15 +63,24 @@ def plan(weights: list[int], epoch_s: float, remaining_s: float) -> list[int]:
 def replan(current: list[int], done: list[int], weights: list[int], epoch_s: float,
            remaining_s: float) -> list[int] | None:
     """A new plan when the epochs that still fit differ from the planned ones by more than
-    MARGIN (or would overrun), else None. `done[i]` epochs of stage i are finished; the stage
-    in progress keeps at least its finished epochs + 1 unless nothing fits."""
+    MARGIN (or would overrun), else None. `done[i]` epochs of stage i are finished. Finished
+    stages keep their counts; the epochs of the stage in progress and of the later stages
+    are shared anew in the preset's proportions, the stage in progress keeping at least the
+    epochs it has done."""
     planned_left = sum(c - d for c, d in zip(current, done))
-    fit = int(remaining_s // max(epoch_s, 1e-9))
-    if planned_left <= fit and planned_left >= fit * (1 - MARGIN):
+    fit = max(int(remaining_s // max(epoch_s, 1e-9)), 0)
+    if fit * (1 - MARGIN) <= planned_left <= fit:
         return None
     active = next((i for i, (c, d) in enumerate(zip(current, done)) if d < c), len(current))
-    left_weights = [max(w - d, 0) if i == active else (w if i > active else 0)
-                    for i, (w, d) in enumerate(zip(weights, done))]
-    extra = share(fit, left_weights) if fit > 0 and sum(left_weights) else [0] * len(weights)
-    new = [d + e if i >= active else c for i, (c, d, e) in enumerate(zip(current, done, extra))]
+    if active == len(current):
+        return None
+    fit = int(fit * (1 - MARGIN / 2))                 # a cushion: timing noise neither overruns nor re-plans
+    target = share(done[active] + fit, weights[active:])
+    target[0] = max(target[0], done[active])
+    excess = sum(target) - done[active] - fit
+    for j in range(len(target) - 1, 0, -1):           # the floor above is paid by the last stages
+        take = min(excess, target[j])
+        target[j] -= take
+        excess -= take
+    new = current[:active] + target
     return new if new != current else None

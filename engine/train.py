@@ -101,6 +101,7 @@ class Trainer:
         kernels.set_backend(cfg.kernels)
         self.spec, self.plan = cfg.spec(), cfg.stage_plan()
         self.weights = [e for _, e in self.plan]             # --budget keeps these proportions
+        self._epoch_times: list[float] = []                  # --budget: measured epoch wall times
         torch.manual_seed(cfg.seed)
         probe = build_model(cfg.model, passthrough=cfg.passthrough or None, width=cfg.width)
         self.params = count_params(probe)
@@ -335,7 +336,8 @@ class Trainer:
 
     def _replan_budget(self, si: int, epoch: int, epoch_s: float) -> None:
         """Re-plan from the measured epoch time when the projection moved by more than the margin."""
-        self._epoch_s = epoch_s if not hasattr(self, "_epoch_s") else 0.5 * (self._epoch_s + epoch_s)
+        self._epoch_times.append(epoch_s)
+        self._epoch_s = sum(self._epoch_times) / len(self._epoch_times)
         done = [e if i < si else (epoch + 1 if i == si else 0) for i, (_, e) in enumerate(self.plan)]
         new = budget.replan([e for _, e in self.plan], done, self.weights, self._epoch_s, self._budget_left())
         if new is not None:
