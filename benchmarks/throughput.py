@@ -21,6 +21,8 @@ in the same run. Results in the README name the machine they came from.
   in images/s.
 - kind=end_to_end: loader + step together over `--batches` batches for each loader (one
   warm-up epoch first), with the fraction of the time spent waiting for data.
+`--rows` picks row kinds and `--combos` train combos (compile/kernels/amp, `*` for any), so a
+short run measures a subset: `--rows train --combos "0/torch/off,1/*/bf16"`.
 
 Measured (2-core Xeon VM with AMX, no GPU, torch 2.14.1 CPU, quiet machine, commit 12828b8,
 CIFAR-10 JPEGs via `--data shared --train --augment on --batches 8 --steps 20 --passes 5`):
@@ -229,6 +231,18 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('peak_rss_mb', '-'):>12}" + (f"  ({r['error']})" if r.get("error") else ""))
 
 
+def select_combos(combos: list[tuple], patterns: str) -> list[tuple]:
+    """The (compile, kernels, amp) combos matching any comma-separated `C/K/A` pattern (`*`
+    matches anything); all of them for an empty `patterns`."""
+    if not patterns:
+        return combos
+    pats = [p.split("/") for p in patterns.split(",") if p]
+    if any(len(p) != 3 for p in pats):
+        raise SystemExit(f"error: --combos takes compile/kernels/amp patterns, e.g. 0/*/* or 1/triton/bf16 "
+                         f"(got {patterns!r})")
+    return [c for c in combos if any(all(q in ("*", str(v)) for q, v in zip(p, c)) for p in pats)]
+
+
 def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
     import torch
     from engine.precision import cpu_reports_bf16
@@ -237,6 +251,7 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
     # (whether `--amp auto` picks it there is decided by a probe; the rows show if it pays).
     amps = ("off", "bf16") if cuda or cpu_reports_bf16() else ("off",)
     combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",)) for a in amps]
+    combos = select_combos(combos, args.combos) if "train" in args.rows else []
     # Round-robin over the combos `--repeats` times (a fresh process each): drift of the
     # machine hits every combo alike; each row is the median run, with all runs listed.
     runs: dict = {combo: [] for combo in combos}
@@ -256,7 +271,7 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
                      "compile_s_runs": [r["compile_s"] for r in done if r.get("images_per_s")]})
     eager = next((r for r in rows if r.get("images_per_s") and not r.get("compile") and r.get("kernels") == "torch"
                   and r.get("amp") == "off"), None)
-    for name in loaders:
+    for name in loaders if "end_to_end" in args.rows else ():
         rows.append({**run_child(args, name, True, "end_to_end"), **info})
         print(f"  measured end_to_end {name}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
               file=sys.stderr, flush=True)
@@ -295,8 +310,15 @@ def main(argv=None) -> list[dict]:
                    "(the row is the median run)")
     p.add_argument("--engine-args", default="", help="engine.train flags applied on top of --preset for the "
                    "--train rows, e.g. \"--width 0.5 --size 64\"")
+    p.add_argument("--rows", default="", help="row kinds to measure, comma-separated: loader, train, end_to_end "
+                   "(default: loader, plus train and end_to_end with --train)")
+    p.add_argument("--combos", default="", help="train rows to measure: comma-separated compile/kernels/amp, "
+                   "* for any, e.g. \"0/*/*\" (eager) or \"1/triton/bf16\" (default: all)")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.rows = set(args.rows.split(",")) - {""} or {"loader"} | ({"train", "end_to_end"} if args.train else set())
+    if args.rows - {"loader", "train", "end_to_end"}:
+        p.error(f"--rows takes loader, train, end_to_end (got {','.join(sorted(args.rows))})")
     if args._child:
         what, name, aug = args._child.split(",")
         if what == "loader":
@@ -322,7 +344,7 @@ def main(argv=None) -> list[dict]:
           f"data {args.data} | {args.size}px, batch {args.batch_size} x {args.batches}, median of {args.passes}",
           flush=True)
     rows = []
-    for aug in augments:
+    for aug in augments if "loader" in args.rows else ():
         for name in names:
             rows.append({**run_child(args, name, aug), **info})
             print(f"  measured {name} augment={'on' if aug else 'off'}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
@@ -331,8 +353,9 @@ def main(argv=None) -> list[dict]:
         base = next((b for b in rows if b["loader"] == "torchvision" and b["augment"] == r["augment"]), None)
         ok = base and base.get("images_per_s") and r.get("images_per_s")
         r["ratio_vs_torchvision"] = r["images_per_s"] / base["images_per_s"] if ok else None
-    print_table(rows)
-    if args.train:
+    if rows:
+        print_table(rows)
+    if args.rows & {"train", "end_to_end"}:
         rows += train_rows(args, names, info)
     if args.json:
         from loaders.common import atomic_write
