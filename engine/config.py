@@ -159,7 +159,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a one-line ConfigError instead of a usage dump."""
 
     def error(self, message: str):
-        raise ConfigError(f"{message}; see python -m engine.train --help")
+        raise ConfigError(f"{message}; see {self.prog} --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
