@@ -15,10 +15,11 @@ Per training sample:
    `fn.external_source`: a numpy generator keyed by (seed, rank, epoch, batch), so every
    epoch replays on its own; `fn.random.uniform` when no feed is given) mapped to the
    spec's parameters with torchvision v2's distributions, and the per-sample 3x3 warp
-   matrix, by one vectorised numpy call per batch (`Draws`, via `fn.python_function`).
+   matrix, by `loaders.params` (the mapping augment.py uses; torch on the CPU) in one
+   vectorised call per batch (`Draws`, via `fn.python_function`).
    DALI charges about a millisecond per operator per batch on the CPU, and composing the
    matrix from `fn.transforms.*` and arithmetic took ~60 tiny operators (measured: ~25 ms
-   per batch of 256, more than the warp); the numpy call costs ~2 ms.
+   per batch of 256, more than the warp); the one call costs ~1.5 ms.
 3. colour at the source size, before the upscaling warp (32x32 for CIFAR instead of
    128x128: 16x fewer pixels): `fn.hsv` (hue; saturation, with grayscale folded in as
    saturation 0: the same luma blend), then `fn.brightness_contrast` pivoting on the
@@ -66,9 +67,9 @@ measured in tests/test_dali.py:
   pixels at the defaults. Elsewhere the warp matches the step-by-step sequence within 2-3
   levels (the sequence resamples up to four times and rounds after each).
 - Random draws follow torchvision's: integer crop offsets, integer perspective corner
-  offsets in [0, int(d*size/2)], translations uniform then rounded (floor(x + 0.5); DALI
-  2.4 has no `fn.round`), torchvision's perspective coefficients (start points at the
-  corner pixels' indices, used as corner-origin coordinates) in closed form.
+  offsets in [0, int(d*size/2)], translations uniform then rounded, torchvision's
+  perspective coefficients (start points at the corner pixels' indices, used as
+  corner-origin coordinates) in closed form: `loaders.params`, shared with augment.py.
 - EXIF orientation is not applied (the reference's `decode_image` does not either).
 
 Epochs: DALI's reader can reshuffle by itself (`shuffle_after_epoch`, seeded), but only
@@ -107,9 +108,9 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices
-from loaders.spec import AugmentSpec
+from loaders.params import NCOLS, params_from_uniforms, warp_matrix
+from loaders.spec import LUMA, AugmentSpec
 
-LUMA = (0.299, 0.587, 0.114)      # ITU-R 601 luma (torchvision uses 0.2989, 0.587, 0.114)
 READER = "Reader"
 GEOMETRY = ("crop", "rotate", "translate", "perspective")   # ops the single warp composes
 
@@ -137,36 +138,30 @@ def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
 # ------------------------------------------------------- random parameters and matrices
 
 class Draws:
-    """Maps per-sample uniform draws in [0, 1) to the spec's random parameters, with
-    torchvision v2's distributions, and builds each sample's warp matrix. Runs inside the
-    pipeline as one vectorised `fn.python_function` call per batch; the tests use it to
-    recover the parameters behind each output."""
+    """The pipeline's `fn.python_function` body, one vectorised call per batch: the uniform
+    draws -> the spec's per-sample parameters and warp matrices (`loaders.params`, the
+    mapping augment.py uses, in torch on the CPU) -> DALI's operator arguments."""
 
     def __init__(self, spec: AugmentSpec, train: bool = True, scale_src: bool = True,
                  src_hw: tuple[int, int] | None = None):
         """`scale_src`: the warp also resizes the source to the training size; `src_hw`:
         the sources' common (height, width), or None when sizes vary (then the pipeline
         passes each image's shape)."""
-        self.spec, self.scale_src, self.src_hw = spec, scale_src, src_hw
-        on = (lambda name: train and getattr(spec, name))
-        self.geometric = any(on(op) for op in GEOMETRY)
-        self.jitter = on("jitter")
-        self.colour = on("jitter") or on("grayscale")
-        widths = {"flip": 1, "crop": 2, "rotate": 1, "translate": 2, "perspective": 9,
-                  "grayscale": 1, "jitter": 4}
-        self.slots, k = {}, 0
-        for name, w in widths.items():
-            if on(name):
-                self.slots[name] = slice(k, k + w)
-                k += w
-        self.width = k
+        self.spec = spec if train else spec.without()
+        self.scale_src = scale_src
+        self.src_hw = src_hw if scale_src else (spec.size, spec.size)
+        sp = self.spec
+        self.geometric = any(getattr(sp, op) for op in GEOMETRY)
+        self.jitter = sp.jitter
+        self.colour = sp.jitter or sp.grayscale
+        self.width = NCOLS if sp.any_enabled else 0
         # What the pipeline needs from this object, per batch.
         self.warp = self.geometric or scale_src
         self.shape_input = scale_src and src_hw is None
         self.outputs = []
-        if self.warp and (self.geometric or "flip" in self.slots or self.shape_input):
+        if self.warp and (self.geometric or sp.flip or self.shape_input):
             self.outputs.append("matrix")
-        elif not self.warp and "flip" in self.slots:
+        elif not self.warp and sp.flip:
             self.outputs.append("mirror")
         if self.colour:
             self.outputs += ["hue", "saturation"]
@@ -175,123 +170,32 @@ class Draws:
 
     def constant_matrix(self) -> list[float]:
         """The warp's matrix when it is the same for every sample (a plain resize)."""
-        return self.matrices({"n": 1})[0].astype(np.float32).ravel().tolist()
-
-    # ---- parameters
-    def params(self, u: np.ndarray) -> dict[str, np.ndarray]:
-        """{name: (N, ...) array} from draws u of shape (N, width)."""
-        sp, u = self.spec, np.asarray(u, np.float64)
-        u = u.reshape(len(u), -1)
-        n, s, out = len(u), float(sp.size), {}
-        take = (lambda name: u[:, self.slots[name]])
-        if "flip" in self.slots:
-            out["flip"] = take("flip")[:, 0] < sp.flip_p
-        if "crop" in self.slots:                      # RandomCrop: integer offsets 0..2p
-            out["crop"] = np.floor(take("crop") * (2 * sp.crop_padding + 1))   # (x=j, y=i)
-        if "rotate" in self.slots:
-            out["angle"] = sp.rotate_degrees * (2 * take("rotate")[:, 0] - 1)
-        if "translate" in self.slots:                 # RandomAffine rounds its shifts
-            out["translate"] = np.floor(sp.translate_frac * s * (2 * take("translate") - 1) + 0.5)
-        if "perspective" in self.slots:               # RandomPerspective: p, then corners
-            v = take("perspective")
-            bw = int(sp.perspective_distortion * (sp.size // 2)) + 1
-            out["perspective"] = v[:, 0] < sp.perspective_p
-            out["corners"] = np.floor(v[:, 1:] * bw) * out["perspective"][:, None]
-        if "grayscale" in self.slots:
-            out["gray"] = take("grayscale")[:, 0] < sp.grayscale_p
-        if "jitter" in self.slots:                    # ColorJitter factors and hue
-            v = take("jitter")
-            for j, (name, r) in enumerate((("brightness", sp.brightness),
-                                           ("contrast", sp.contrast),
-                                           ("saturation", sp.saturation))):
-                lo = max(0.0, 1 - r)
-                out[name] = lo + (1 + r - lo) * v[:, j]
-            out["hue"] = sp.hue * (2 * v[:, 3] - 1)   # turns
-        out["n"] = n
-        return out
-
-    # ---- geometry
-    def matrices(self, p: dict, src_hw: np.ndarray | None = None) -> np.ndarray:
-        """(N, 3, 3) forward (source -> output) matrices in corner-origin pixel coordinates:
-        resize (when the source is warped directly), flip, pad-crop offset, rotation about
-        the centre, translation, then perspective, composed in the report's order."""
-        sp, n, s = self.spec, p["n"], float(self.spec.size)
-        m = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
-        if self.scale_src:
-            hw = np.asarray(self.src_hw if src_hw is None else src_hw, np.float64)
-            hw = np.broadcast_to(hw.reshape(-1, hw.shape[-1])[:, :2], (n, 2))
-            m[:, 0, 0], m[:, 1, 1] = s / hw[:, 1], s / hw[:, 0]
-        if "flip" in p:
-            m = _affine(np.where(p["flip"], -1.0, 1.0), 0.0, np.where(p["flip"], s, 0.0),
-                        0.0, 1.0, 0.0) @ m
-        if "crop" in p:
-            d = sp.crop_padding - p["crop"]
-            m = _affine(1.0, 0.0, d[:, 0], 0.0, 1.0, d[:, 1]) @ m
-        if "angle" in p:
-            # torchvision: positive angle = counter-clockwise on screen (y points down),
-            # about the image centre (s/2, s/2 in corner-origin coordinates).
-            a = np.radians(p["angle"])
-            cs, sn, c = np.cos(a), np.sin(a), s / 2
-            m = _affine(cs, sn, c - cs * c - sn * c, -sn, cs, c + sn * c - cs * c) @ m
-        if "translate" in p:
-            t = p["translate"]
-            m = _affine(1.0, 0.0, t[:, 0], 0.0, 1.0, t[:, 1]) @ m
-        if "corners" in p:
-            m = perspective_matrix(p["corners"], sp.size) @ m
-        return m
+        p = params_from_uniforms(torch.zeros(1, NCOLS), self.spec.without())
+        return warp_matrix(p, self.spec.size, self.src_hw)[0].to(torch.float32).ravel().tolist()
 
     def __call__(self, u, *rest):
         """fn.python_function body: (draws[, image shapes][, channel means]) -> one list of
         per-sample arrays for each name in `self.outputs`."""
-        p = self.params(np.stack(u))
+        p = params_from_uniforms(torch.from_numpy(np.stack(u)), self.spec)
         rest = list(rest)
-        shapes = np.stack(rest.pop(0)) if self.shape_input else None
-        n, outs = p["n"], {}
+        n, outs = len(p), {}
+        if self.shape_input:
+            hw = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, -1)[:, :2].astype(np.float64))
+        else:
+            hw = self.src_hw
         if "matrix" in self.outputs:
-            outs["matrix"] = self.matrices(p, shapes).astype(np.float32)
+            outs["matrix"] = warp_matrix(p, self.spec.size, hw)
         if "mirror" in self.outputs:
-            outs["mirror"] = p["flip"].astype(np.int32)
-        if self.colour:
-            sat = p.get("saturation", np.ones(n))
-            if "gray" in p:                       # grayscale = saturation 0 (same luma)
-                sat = sat * ~p["gray"]
-            outs["hue"] = p.get("hue", np.zeros(n)) * 360.0         # turns -> degrees
-            outs["saturation"] = sat
+            outs["mirror"] = p.flip.to(torch.int32)
+        if self.colour:                  # grayscale = saturation 0 (the same luma blend)
+            outs["hue"] = p.hue * 360.0                                 # turns -> degrees
+            outs["saturation"] = p.saturation * ~p.grayscale
         if self.jitter:
-            means = np.stack(rest.pop(0)).reshape(n, 3).astype(np.float64)
-            outs.update(brightness=p["brightness"], contrast=p["contrast"],
-                        grey=means @ np.asarray(LUMA))
-        return tuple([np.asarray(v, np.float32 if k != "mirror" else np.int32)
-                      for v in outs[k]] for k in self.outputs)
-
-
-def _affine(a, b, c, d, e, f) -> np.ndarray:
-    """(N, 3, 3) affine matrices from per-sample (or scalar) coefficients."""
-    a, b, c, d, e, f = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (a, b, c, d, e, f)))
-    one, zero = np.ones_like(a), np.zeros_like(a)
-    return np.stack([np.stack([a, b, c], -1), np.stack([d, e, f], -1),
-                     np.stack([zero, zero, one], -1)], -2)
-
-
-def perspective_matrix(corners: np.ndarray, size: int) -> np.ndarray:
-    """torchvision's RandomPerspective as forward (N, 3, 3) matrices.
-
-    torchvision maps its start points (0,0), (w-1,0), (w-1,h-1), (0,h-1) to end points moved
-    inwards by the integer `corners` offsets (x0,y0, x1,y1, x2,y2, x3,y3: top-left,
-    top-right, bottom-right, bottom-left) and samples with those coefficients in
-    corner-origin coordinates. Built in closed form as rect -> unit square -> quad."""
-    o = np.asarray(corners, np.float64).reshape(-1, 8)
-    e = float(size - 1)
-    x0, y0, x1, y1 = o[:, 0], o[:, 1], e - o[:, 2], o[:, 3]
-    x2, y2, x3, y3 = e - o[:, 4], e - o[:, 5], o[:, 6], e - o[:, 7]
-    sx, sy = x0 - x1 + x2 - x3, y0 - y1 + y2 - y3
-    dx1, dx2, dy1, dy2 = x1 - x2, x3 - x2, y1 - y2, y3 - y2
-    den = dx1 * dy2 - dx2 * dy1
-    g, h = (sx * dy2 - dx2 * sy) / den, (dx1 * sy - sx * dy1) / den
-    quad = np.stack([np.stack([x1 - x0 + g * x1, x3 - x0 + h * x3, x0], -1),
-                     np.stack([y1 - y0 + g * y1, y3 - y0 + h * y3, y0], -1),
-                     np.stack([g, h, np.ones_like(g)], -1)], -2)
-    return quad @ np.diag([1 / e, 1 / e, 1.0])
+            means = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, 3).astype(np.float64))
+            outs.update(brightness=p.brightness, contrast=p.contrast,
+                        grey=means @ torch.tensor(LUMA, dtype=torch.float64))
+        return tuple([np.asarray(v) for v in outs[k].numpy().astype(
+            np.int32 if k == "mirror" else np.float32)] for k in self.outputs)
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -356,7 +260,7 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         # reference's resize.
         border = {"fill_value": [-m / v for m, v in zip(spec.mean, spec.std)]} \
             if draws.geometric else {"border_mode": "replicate"}
-        img = fn.experimental.warp_perspective(img, matrix=mtx, size=[s, s], inverse_map=False,
+        img = fn.experimental.warp_perspective(img, matrix=mtx, size=[s, s], inverse_map=True,
                                                pixel_origin="corner",
                                                interp_type=types.INTERP_LINEAR, **border)
     if out_dtype != types.FLOAT:

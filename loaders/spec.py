@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields, replace
 # Switch names, in the report's order. Each is a bool field on the spec.
 AUGMENTATIONS = ("flip", "crop", "rotate", "jitter", "grayscale", "translate", "perspective")
 
+LUMA = (0.2989, 0.587, 0.114)   # grey = LUMA . RGB: torchvision's rgb_to_grayscale weights
 MEAN = (125 / 255, 124 / 255, 115 / 255)
 STD = (60 / 255, 59 / 255, 64 / 255)
 
