@@ -76,7 +76,7 @@ class Config:
     log_every: int = 20              # steps between progress-bar reads of the device metrics
     aug: dict = field(default_factory=dict)       # AugmentSpec overrides (not size)
     no_aug: tuple[str, ...] = ()     # augmentations switched off
-    # Reliability (issue 8)
+    # Reliability
     resume: str = ""                 # run folder to continue: --resume runs/NAME
     checkpoint_every: int = 0        # also checkpoint every N steps inside an epoch (0 = off)
     max_bad_steps: int = 20          # stop after this many consecutive non-finite steps

@@ -9,7 +9,7 @@ Writes runs/<name>/ (runs/latest points at the newest): config.json, metrics.csv
 <stage>-best.pt, last.pt (+ prev.pt), curves.png, data_report.json, summary.json. Bad input
 exits 2 with a one-line error; a run stopped by non-finite losses exits 3.
 
-Reliability (issue 8):
+Reliability:
 - Resume. `last.pt` is written at every epoch end (the stage end included) and every
   `--checkpoint-every N` steps inside an epoch, rotated with `prev.pt`
   (engine/checkpoint.py). `--resume runs/NAME` restores the run's own config (only

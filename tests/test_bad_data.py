@@ -1,4 +1,4 @@
-"""Issue 8, bad data: a folder with every kind of broken or odd file trains for an epoch with
+"""Bad data: a folder with every kind of broken or odd file trains for an epoch with
 each available loader, and the report lists exactly the bad items.
 
 The fixture's cases: zero-byte file, truncated JPEG, text file named .jpg, grayscale, RGBA,

@@ -1,4 +1,4 @@
-"""Issue 8: DDP under torchrun with gloo on CPU, 2 processes.
+"""DDP under torchrun with gloo on CPU, 2 processes.
 
 One torchrun launch runs this file as its worker program (`-m tests.test_distributed`),
 which trains the same tiny run once per available loader, each a full `engine.train.main`

@@ -1,4 +1,4 @@
-"""Issue 8: exact resume after SIGKILL and SIGTERM, checkpoint fallback, non-finite steps, limits.
+"""Exact resume after SIGKILL and SIGTERM, checkpoint fallback, non-finite steps, limits.
 
 Exactness: runs compared bit for bit use one CPU thread and --deterministic, and run in
 the same kind of process (the SIGKILL test: three fresh subprocesses; the fallback test:
