@@ -4,81 +4,15 @@
     # -> (N,3,S,S) normalised, channels_last, in `dtype`, on the batch's device
     images = augment(batch_uint8, spec, train=False)          # resize + normalise only
 
-Every sample gets its own random parameters (not one draw for the batch), drawn with ONE
-`torch.rand` call from the explicit `generator` (on the batch's device). Nothing in a call
-waits for the device (constants are copied once and cached), so on CUDA a whole call is
-queued asynchronously. `draw_params` + `apply` are the two halves, exposed for tests and for
-loaders that draw parameters themselves; the FFCV loader reuses `augment` for the ops FFCV
-lacks. `python -m loaders.augment [--device cuda]` prints the augmentation-only images/s.
-
-Distributions (those of `loaders.torchvision.reference_transform`, the torchvision v2 ops):
-flip Bernoulli(flip_p); pad-crop offset integer uniform on [0, 2*pad] per axis; rotation
-angle U(-d, d); ColorJitter factors U(max(0,1-x), 1+x), hue U(-h, h); grayscale
-Bernoulli(grayscale_p); translation round(U(-f*S, f*S)) pixels per axis (RandomAffine's
-integer draw); perspective Bernoulli(perspective_p) with RandomPerspective's integer corner
-draw (each corner moved inwards by randint(0, int(distortion*(S//2))+1) per axis) and its
-coefficients (end points -> start points, applied to pixel-centre coordinates as
-`F.perspective` does). ColorJitter's order: torchvision draws `randperm(4)` per call, i.e.
-per image; we draw one uniform permutation per sample and apply the four ops in exactly that
-order (see Colour), so the order distribution matches too.
-
-Geometry, one resampling per image. Resize (native -> S: 32x32 images are stored small and
-upscaled inside the warp), flip, pad-crop offset, rotation, translation and perspective are
-composed into one 3x3 projective matrix per sample in continuous pixel coordinates (pixel
-i's centre at i+0.5, the convention of torchvision's tensor kernels: rotation about
-(S/2, S/2), perspective on the +0.5 grid), from which the sampling grid is built by
-broadcasting (two rank-1 sums, one division when perspective is on) for ONE bilinear
-`grid_sampler_2d` (align_corners=False, half-pixel centres). Resize with antialias=True when
-upscaling is plain half-pixel bilinear with edge clamping, so the source is sampled with
-padding_mode="border" and the zero fill is a separate mask on the S-sized canvas: per axis
-clamp(distance to the canvas edge in pixels + 0.5, 0, 1), squared (bilinear sampling with
-zero padding weights in-canvas pixels by that coverage c, and torchvision's fill step
-multiplies by its sampled ones-mask, c again). Each single op matches torchvision's
-functional op with the same parameters to 0.01/255 (tests). Mask, normalisation and the
-channels_last layout in `dtype` are one addcmul and one copy. Sources larger than S are
-first shrunk to S with antialiasing (bilinear sampling alone would alias); the resident
-loader stores such data at S anyway. CPU resize-only calls use torch's uint8 antialiased
-kernel, the reference's own, so augment-off output equals the reference's to the bit.
-
-Clipping (content one step crops away and a later step brings back into view: black in the
-sequence, real in one warp). CHOICE: keep the real content by default
-(`emulate_clipping=False`: the only fill is where the composed map leaves the resized,
-flipped image, i.e. the crop's zero padding and outside the source); `emulate_clipping=True`
-also applies the coverage of the canvases the rotation, translation and perspective read
-from, reproducing the sequence's fill. Measured on CIFAR-10 at 128 with the default spec
-(200 images, same parameters as the sequence of v2 functional ops): the sequence's output is
-38% fill; keeping content shows real pixels on 7.5% of all pixels where the sequence is black,
-emulation on 0.0%; where both define content, mean |difference| 0.51/255 (p99 4.8/255) in
-both modes (0.31/255 with colour off: the sequence's repeated resampling blurs more). Cost:
-emulation takes 1.3-1.6x the CPU time of keep-content (0.57 vs 0.37 ms/image single-thread,
-32->128, batch 256), ~5x vs ~6-10x the torchvision loader in the same runs.
-
-Colour. Brightness, contrast and saturation are torchvision's blends (towards 0, towards
-the grayscale mean, towards each pixel's grayscale; clamped to [0,1]) and are one batched
-"blend pass" x <- clamp(f*x + (1-f)*(a*gray + b*mean)) with per-sample (f, a, b), so a
-per-sample order costs nothing extra: three passes in each sample's own order, split around
-hue (pre-hue passes, one batched HSV hue shift, post-hue passes: 6 blend passes + 1 hue
-pass). Grayscale is the same blend with f=0; 1/std is folded in before the warp and -mean/std
-added after it. ORDER DIFFERENCE from the report: the per-pixel colour work runs on the
-source before the upscaling warp (16x fewer pixels at 32->128: 0.08 vs 2.0 ms/image
-single-thread) instead of after flip/crop/rotation. Colour and geometry commute except at
-the zero fill and through clamping/hue non-linearity at edges. Two fill effects: (1) the
-sequence's contrast pivot is the mean of the rotated/cropped canvas, black corners included;
-we emulate it by taking the mean over that canvas (flip, pad-crop, rotation applied, zero
-fill) sampled on a 32x32 grid, which brought the colour-on difference above from 1.81/255 to
-0.51/255; (2) in the sequence the contrast blend lifts the black fill made before the jitter
-(crop padding, rotation corners) to (1-c)*mean when c < 1: 5% of the sequence's fill pixels
-differ from black by more than 2/255; ours stay black. The reference works in uint8
-throughout (rounding or truncating after every op); we stay in float32 until the output.
-
-CPU threading. A batch is split into one contiguous range per intra-op thread, each run by a
-worker thread whose torch ops are single-threaded; within a range, 16 images at a time
-through reused buffers. Per-op OpenMP parallelism pays a barrier per op, and on a shared
-machine a descheduled team thread stalls each of the few hundred ops of a batch: measured
-here (2 cores, load ~4 from other jobs) 137 images/s with 2 OpenMP threads vs 1561 with 1.
-Environment knobs that help every CPU loader (set before torch is imported):
-THP_MEM_ALLOC_ENABLE=1 (fresh 50 MB batches cost 49 ms of page faults without it, 17 with)
-and OMP_WAIT_POLICY=PASSIVE.
+Per-sample parameters come from `loaders.params` (one `torch.rand` per batch on the
+generator's device, torchvision v2's distributions); `draw_params` + `apply` are the two
+halves. Geometry is ONE bilinear resampling per image through the composed matrix, the
+zero fill a separate coverage mask; content one step crops and a later one brings back is
+kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source
+before the upscaling warp: torchvision's ColorJitter blends in each sample's own order,
+clamped, with the exact HSV hue, then grayscale. On CPU a batch is split over
+single-threaded worker threads. `python -m loaders.augment` prints augmentation-only
+images/s. Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -246,7 +180,7 @@ class _CpuPool:
 
     Why: on CPU, intra-op (OpenMP) parallelism pays a barrier per op, and this pipeline is
     a few hundred small ops per batch; on a shared machine a descheduled team thread
-    stalls every one of them (see "CPU threading" above). Coarse parallelism, one
+    stalls every one of them (docs/loaders.md, "CPU threading"). Coarse parallelism, one
     independent range of the batch per thread, has no per-op barrier. `torch.set_num_threads` is per OpenMP thread plus one
     process-wide default, so the workers set 1 for themselves and the caller's setting is
     restored before the pool is used."""

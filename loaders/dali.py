@@ -1,99 +1,17 @@
-"""NVIDIA DALI loader: the spec's augmentations in one DALI pipeline, one warp per image.
+"""NVIDIA DALI loader (`--loader dali`): decode and the whole spec in one DALI pipeline.
 
-One pipeline definition (`dali_pipeline`), parameterised by device: on a CUDA device the
-JPEGs are decoded on the GPU (`fn.decoders.image(device="mixed")`) and every image op runs
-on "gpu"; with no GPU the same graph runs on the CPU (`device_id=None`, ops on "cpu"). The
-per-sample parameters are CPU argument inputs either way.
-
-Per training sample:
-
-1. read: `fn.readers.file` over a list of the dataset cache's files laid out per epoch
-   and rank (see Epochs), sharded by DALI (`shard_id`/`num_shards`); the last batch
-   policy (`drop_last`: drop the ragged batch, else pad it and trim on delivery) is
-   applied per epoch in that layout; decode to RGB uint8 at the source size.
-2. parameters: one vector of uniform draws per sample (`DrawFeed`, through
-   `fn.external_source`: a numpy generator keyed by (seed, rank, epoch, batch), so every
-   epoch replays on its own; `fn.random.uniform` when no feed is given) mapped to the
-   spec's parameters with torchvision v2's distributions, and the per-sample 3x3 warp
-   matrix, by `loaders.params` (the mapping augment.py uses; torch on the CPU) in one
-   vectorised call per batch (`Draws`, via `fn.python_function`).
-   DALI charges about a millisecond per operator per batch on the CPU, and composing the
-   matrix from `fn.transforms.*` and arithmetic took ~60 tiny operators (measured: ~25 ms
-   per batch of 256, more than the warp); the one call costs ~1.5 ms.
-3. colour at the source size, before the upscaling warp (32x32 for CIFAR instead of
-   128x128: 16x fewer pixels): `fn.hsv` (hue; saturation, with grayscale folded in as
-   saturation 0: the same luma blend), then `fn.brightness_contrast` pivoting on the
-   image's grey mean (torchvision's pivot; DALI's default pivots on grey 128).
-4. normalise at the working size (`fn.crop_mirror_normalize`, float32), still before the
-   upscale; fewer pixels again, and the warp then needs no uint8 round trip.
-5. ONE resampling for the whole geometry: resize to the training size, flip, pad-crop
-   offset, rotation, translation and (with p per sample) perspective composed into one
-   matrix and applied by `fn.experimental.warp_perspective` (bilinear, corner pixel
-   origin, filled with the normalised value of black per channel). Also when the spec or
-   the sample has no perspective: DALI 2.4's CPU `warp_affine` measured ~4x slower than
-   `warp_perspective` here (850 vs 3400 images/s, 32->128).
-6. the engine's dtype: float32 (CPU), float16 cast in the pipeline; DALI has no bfloat16,
-   so that is float32 converted by torch on the device. The iterator hands over DALI's NHWC buffer
-   (dlpack, no copy); the loader returns its NCHW permutation, which is channels_last.
-
-Validation, and training with every augmentation off: decode, normalise, and the same warp
-as a plain resize (edges clamped, as the reference's resize does); no warp at all when the
-sources already have the training size (flip alone then mirrors in crop_mirror_normalize).
-Sources larger than the training size are resized first (`fn.resize`, antialiased, like
-the reference) and coloured and warped at the training size.
-
-Differences from the reference (torchvision v2, `loaders/torchvision.py`), by design and
-measured in tests/test_dali.py:
-
-- Order. The report resizes first and applies ColorJitter/Grayscale between rotation and
-  translation. Here, with sources no larger than the training size, colour comes first, at
-  the source size. Per-pixel colour maps commute with resampling except (a) at the black
-  fill: the reference jitters the pad/rotation fill too (contrast lifts black to
-  (1-c)*mean), here it stays black, and (b) the contrast pivot: the reference's grey mean
-  includes that fill, here it is the source's own mean.
-- ColorJitter applies b, c, s, h in a random order per image and truncates to uint8 after
-  each; here hsv then brightness+contrast, rounded. The linear parts commute (saturation
-  and hue keep luma, the mean pivot scales with brightness): each op alone matches within
-  1 level; together mean ~1.7, p99 ~10 levels where clipping between ops differs (the
-  reference in another order differs from itself by mean 0.7, p99 8).
-- Hue: DALI's hsv rotates chroma in YIQ, a linear approximation of torchvision's exact HSV
-  shift; at the spec's +-0.05 turn, mean 1.9 / p99 17 levels on CIFAR-10, more on very
-  saturated colours. DALI has no exact HSV op; not matched.
-- One warp instead of a sequence: content one step moves out of the frame and a later
-  step brings back is black in the sequence but real content here (kept; ~7% of the
-  pixels on average at the spec's defaults, up to ~20%). Where the frame's edge is in
-  view the warp blends it into the fill over half a source pixel (2 output pixels at 4x);
-  the reference's resize clamps and only its later steps blend (~1 pixel); ~0.5% of the
-  pixels at the defaults. Elsewhere the warp matches the step-by-step sequence within 2-3
-  levels (the sequence resamples up to four times and rounds after each).
-- Random draws follow torchvision's: integer crop offsets, integer perspective corner
-  offsets in [0, int(d*size/2)], translations uniform then rounded, torchvision's
-  perspective coefficients (start points at the corner pixels' indices, used as
-  corner-origin coordinates) in closed form: `loaders.params`, shared with augment.py.
-- EXIF orientation is not applied (the reference's `decode_image` does not either).
-
-Epochs: DALI's reader can reshuffle by itself (`shuffle_after_epoch`, seeded), but only
-along its own sequence of epochs, so `set_epoch(n)` could not select epoch n. Instead the
-reader reads a file list that this loader lays out for a block of consecutive epochs
-(up to 16, at most ~400k entries: ~0.7 s to build): epoch e is the permutation
-`epoch_indices` gives every loader for (seed, e) - the reference loader's order -
-truncated to a multiple of the world size when training; rank r's share is its r-th
-contiguous block, cut to whole batches (the ragged tail dropped, or padded with its last
-sample and trimmed on delivery: the last-batch policy); the ranks' streams are laid back
-to back, equally long, and DALI's sharding (shard_id=rank, num_shards=world) hands each
-rank its own. Consecutive epochs continue the same pipeline (its read-ahead is the next
-epoch's first batches, not waste); `set_epoch(n)` out of sequence, or leaving an epoch
-early, starts a new block at n, and since the draws are keyed by epoch and batch, epoch n
-comes out identical either way (also after a restart). Tearing a pipeline down is
-followed by `malloc_trim`: DALI's executor threads allocate from many glibc arenas, and
-without it rebuilding grew the RSS by ~5 MB per pipeline.
-
-Bad input: the dataset cache drops files it cannot decode at ingest. A file that fails in
-DALI anyway (changed since, or rejected by DALI's decoder) fails a batch; the loader then
-finds it (DALI's reader errors name the file; its decoder errors do not, so it checks the
-remaining files with PIL, then with DALI's decoder one by one), warns with the names,
-drops them for the rest of the run and resumes the epoch where it stopped, on a pipeline
-over this rank's remaining samples. The epoch is short of those samples, never aborted.
+One pipeline definition (`dali_pipeline`) for both devices: on CUDA, JPEG decode on the GPU
+("mixed") and every image op on "gpu"; without a GPU the same graph on the CPU
+(`device_id=None`). Per sample: read the epoch's file list (`fn.readers.file`, sharded by
+DALI), decode, per-sample parameters and warp matrix from `loaders.params` (uniforms from
+`DrawFeed`, keyed by (seed, rank, epoch, batch); one `fn.python_function` call per batch),
+colour at the source size (`fn.hsv`: DALI's YIQ hue rotation, saturation with grayscale
+folded in; `fn.brightness_contrast` pivoting on the image's grey mean), normalise, then ONE
+`fn.experimental.warp_perspective` for the resize and the whole geometry. Epochs: the loader
+lays out one file list for a block of consecutive epochs (each the permutation every loader
+uses), so `set_epoch(n)` replays epoch n exactly. A file DALI cannot decode is found, named
+in a warning and skipped for the rest of the run. The pipeline step by step, the
+differences from the reference (op order, hue, one warp) and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -239,6 +157,8 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         if draws.jitter:
             means = fn.reductions.mean(img, axes=[0, 1], dtype=types.FLOAT)
             inputs.append(means.cpu() if device == "gpu" else means)   # GPU -> CPU: 3 floats
+        # One Python call per batch: ~60 fn.transforms.* operators cost more than the warp
+        # (docs/loaders.md, "The pipeline").
         outs = fn.python_function(*inputs, function=draws, batch_processing=True,
                                   num_outputs=len(draws.outputs))
         outs = dict(zip(draws.outputs, outs if len(draws.outputs) > 1 else [outs]))
@@ -246,7 +166,7 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         mirror = outs.get("mirror", mirror)
         if draws.colour:
             img = fn.hsv(img, hue=outs["hue"], saturation=outs["saturation"])
-        if draws.jitter:
+        if draws.jitter:         # torchvision's pivot, the grey mean (DALI's default: 128)
             img = fn.brightness_contrast(img, brightness=outs["brightness"],
                                          contrast=outs["contrast"], contrast_center=outs["grey"])
     # Normalise at the working size (before upscaling: fewer pixels); the warp then fills
@@ -257,7 +177,8 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
                                    std=[255.0 * v for v in spec.std])
     if mtx is not None:
         # Augmenting: black (normalised) outside the frame; a plain resize clamps, like the
-        # reference's resize.
+        # reference's resize. warp_perspective even without perspective: DALI 2.4's CPU
+        # warp_affine measured ~4x slower (docs/loaders.md). The matrix maps output -> source.
         border = {"fill_value": [-m / v for m, v in zip(spec.mean, spec.std)]} \
             if draws.geometric else {"border_mode": "replicate"}
         img = fn.experimental.warp_perspective(img, matrix=mtx, size=[s, s], inverse_map=True,
