@@ -5,14 +5,15 @@
     images = augment(batch_uint8, spec, train=False)          # resize + normalise only
 
 Per-sample parameters come from `loaders.params` (one `torch.rand` per batch on the
-generator's device, torchvision v2's distributions); `draw_params` + `apply` are the two
-halves. Geometry is ONE bilinear resampling per image through the composed matrix, the
-zero fill a separate coverage mask; content one step crops and a later one brings back is
-kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source
-before the upscaling warp: torchvision's ColorJitter blends in each sample's own order,
-clamped, with the exact HSV hue, then grayscale. On CPU a batch is split over
-single-threaded worker threads. `python -m loaders.augment` prints augmentation-only
-images/s. Rationale and measurements: docs/loaders.md.
+generator's device); `draw_params` + `apply` are the two halves. Geometry is ONE bilinear
+resampling per image through the composed matrix, the zero fill a separate coverage mask;
+content one step crops and a later one brings back is kept (`emulate_clipping=True`
+reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
+`spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
+1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
+(each sample's op order, clamps, HSV hue). CPU: chunks of 16 images, single-threaded
+worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
+fast). Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from loaders.params import Params, const, draw_params, stage_matrices
+from loaders.params import Params, colour_affine, const, draw_params, stage_matrices
 from loaders.spec import LUMA, AugmentSpec
 
 _CPU_CHUNK = 16                  # images warped at a time on CPU
@@ -56,33 +57,42 @@ def grid_from(theta: torch.Tensor, S: int, projective: bool) -> torch.Tensor:
     return torch.stack(grid_planes(theta, S, projective), dim=-1)
 
 
+def _edge_weight_(gx: torch.Tensor, gy: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The weight bilinear sampling with zero padding gives the in-image pixels of an (h, w)
+    image at normalised coordinates (gx, gy): c = prod over axes of clamp(distance to the
+    edge in pixels + 0.5, 0, 1). Computed IN PLACE in gx (gy is clobbered too)."""
+    for g, size in ((gx, hw[1]), (gy, hw[0])):
+        half = size / 2
+        g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
+    return gx.mul_(gy)
+
+
 def _coverage_(gx: torch.Tensor, gy: torch.Tensor, S: int) -> torch.Tensor:
     """(N,S,S) fill weight of an S-canvas sampled at normalised coordinates (gx, gy), as
     torchvision's tensor kernels apply it with fill=0; computed IN PLACE in gx (gy is
     clobbered too).
 
-    Bilinear sampling with zero padding weights the in-canvas pixels by the coverage
-    c = prod over axes of clamp(distance to the edge in pixels + 0.5, 0, 1), and equals c
-    times the edge-clamped ("border") sample; torchvision then multiplies by its sampled
+    Bilinear sampling with zero padding equals the edge weight c (`_edge_weight_`) times
+    the edge-clamped ("border") sample; torchvision then multiplies by its sampled
     ones-mask (c again) to apply the fill. So the sequence's result is border sample * c^2."""
-    half = S / 2
-    for g in (gx, gy):
-        g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
-    cov = gx.mul_(gy)
+    cov = _edge_weight_(gx, gy, (S, S))
     return cov.mul_(cov)
 
 
 class _Workspace(threading.local):
-    """Per-thread CPU buffers for one chunk, reused across calls: fresh multi-MB tensors
-    are page-faulted in on every allocation, which cost more than the arithmetic."""
-    key = None
+    """Per-thread CPU float32 buffers for one chunk, reused across calls: fresh multi-MB
+    tensors are page-faulted in on every allocation, which cost more than the arithmetic."""
 
-    def get(self, m: int, S: int) -> list[torch.Tensor]:
-        if self.key != (m, S):
-            self.key = (m, S)
-            self.planes = torch.empty((5, m, S, S))
-            self.grid = torch.empty((m, S, S, 2))
-        return self.planes, self.grid
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The buffer `name` of `shape` (with `like`'s strides when given)."""
+        t = self.bufs.get(name)
+        if t is None or t.shape != shape or (like is not None and t.stride() != like.stride()):
+            t = torch.empty(shape) if like is None else torch.empty_like(like, dtype=torch.float32)
+            self.bufs[name] = t
+        return t
 
 
 _WORK = _Workspace()
@@ -126,15 +136,22 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
+def _pivot_canvas(spec: AugmentSpec, mats) -> torch.Tensor | None:
+    """The grid (N,32,32,2) sampling the sequence's canvas at the jitter (flip, pad-crop and
+    rotation applied, black corners included) for the contrast pivot's grey mean; None:
+    the mean is the whole source image's."""
+    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
+        return grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
+    return None
+
+
 def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Tensor:
-    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1].
+    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1],
+    torchvision's ops one by one (spec.colour_mode "exact").
 
     `mats` (from stage_matrices): take the contrast pivot over the sequence's canvas at the
-    jitter (flip, pad-crop and rotation applied, black corners included) sampled on a 32x32
-    grid, instead of over the whole source image."""
-    canvas = None
-    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
-        canvas = grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
+    jitter (`_pivot_canvas`) instead of over the whole source image."""
+    canvas = _pivot_canvas(spec, mats)
     if spec.jitter:
         order = p.order
         is_hue = order == 3
@@ -162,17 +179,52 @@ def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Te
     return x
 
 
+def fast_colour_map(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None, unit: float = 1.0,
+                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jitter and grayscale as ONE per-sample affine colour map, A (N,3,3) and b (N,3)
+    float32 with y = A @ x + b (`params.colour_affine`: no clamps between ops, hue as a
+    rotation about the grey axis), for float images x (N,3,H,W) whose white is `unit` (1 or
+    255), with a per-channel `scale` (3,) (1/std) folded in (spec.colour_mode "fast").
+    `mats`: the contrast pivot over the sequence's canvas, as in `colour`."""
+    n, _, h, w = x.shape
+    canvas = _pivot_canvas(spec, mats)
+    if not (spec.jitter and spec.contrast > 0):          # no pivot needed
+        mean_rgb, cover = x.new_zeros(n, 3), x.new_ones(n)
+    elif canvas is None:
+        mean_rgb, cover = x.mean(dim=(2, 3)) / unit, x.new_ones(n)
+    else:
+        mean_rgb = F.grid_sample(x, canvas, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False).mean(dim=(2, 3)) / unit
+        cover = _edge_weight_(canvas[..., 0].clone(), canvas[..., 1].clone(), (h, w)).mean(dim=(1, 2))
+    A, b = colour_affine(p, spec, mean_rgb, cover)
+    A = A / unit
+    if scale is not None:
+        A, b = A * scale.to(A.dtype).view(1, 3, 1), b * scale.to(b.dtype)
+    return A.to(torch.float32), b.to(torch.float32)
+
+
 # ---------------------------------------------------------------------------- entry points
 
-def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,H,W,3) or (N,3,H,W) -> contiguous float32 NCHW in [0,1]."""
+def _nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8/float (N,H,W,3) or (N,3,H,W) -> an (N,3,H,W) view (no copy), checked."""
     if images.dim() != 4:
         raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(images.shape)}")
     x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.shape[1] != 3 else images
     if x.shape[1] != 3:
         raise ValueError(f"expected 3-channel RGB images, got shape {tuple(images.shape)}")
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)   # planes: per-channel ops vectorise
-    return x.mul_(1 / 255) if images.dtype == torch.uint8 else x
+    return x
+
+
+def _float_source(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Images from `_nchw` -> contiguous float32 NCHW in [0,1] (planes: per-channel ops
+    vectorise), shrunk to S x S with antialiasing when larger (bilinear sampling alone
+    would alias)."""
+    f = x.to(torch.float32, memory_format=torch.contiguous_format)
+    if x.dtype == torch.uint8:
+        f.mul_(1 / 255)
+    if f.shape[-2] > S or f.shape[-1] > S:
+        f = F.interpolate(f, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+    return f
 
 
 class _CpuPool:
@@ -236,17 +288,16 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     """`augment` with given parameters (None: no augmentation, resize + normalise only)."""
     if p is None and images.dtype == torch.uint8 and images.device.type == "cpu":
         return _resize_uint8(images, spec, dtype)
-    x = to_float_nchw(images)
+    x = _nchw(images)
     n, S, dev = x.shape[0], spec.size, x.device
-    if x.shape[-2] > S or x.shape[-1] > S:          # shrink first: bilinear sampling would alias
-        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
     geometric = p is not None and any(getattr(spec, a) for a in
                                       ("flip", "crop", "rotate", "translate", "perspective"))
     mats = None
     if p is not None:
         p = p.to(dev)
         mats = stage_matrices(p, S) if geometric else None
-    if not geometric and x.shape[-2:] != (S, S):    # resize only: identity in normalised coords
+    small = max(x.shape[-2:]) <= S                  # else shrunk to S x S first
+    if not geometric and small and x.shape[-2:] != (S, S):  # resize: identity, normalised coords
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
     out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
     job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping)
@@ -277,49 +328,65 @@ def _resize_uint8(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -
 
 def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_all,
                  geometric: bool, emulate_clipping: bool, lo: int, hi: int) -> None:
-    """Colour, warp and normalise images lo..hi of the batch into out_all[lo:hi]."""
-    x, out, S, dev = x_all[lo:hi], out_all[lo:hi], spec.size, x_all.device
-    p = None if p_all is None else p_all[lo:hi]
-    mats = None if mats_all is None else {k: v[lo:hi] for k, v in mats_all.items()}
+    """Colour, warp and normalise images lo..hi of the batch (an `_nchw` view) into
+    out_all[lo:hi]: colour on the source planes (with 1/std), one warp, then the fill mask
+    and -mean/std in one addcmul and the channels_last layout in one copy.
+
+    CPU: chunks of a few images through reused buffers keep every temporary in cache and
+    avoid page-faulting fresh memory each batch (about 2x faster than one pass over the
+    batch). CUDA: the whole range at once, buffers from the caching allocator."""
+    S, dev, cpu = spec.size, x_all.device, x_all.device.type == "cpu"
     mean = const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
     inv_std = const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
     bias = -mean * inv_std
-    if p is not None:
-        x = colour(x, p, spec, mats if geometric else None)
-    x = (x * inv_std).contiguous()                   # fill 0 stays 0; bias added at the end
-    if mats is None:                                 # already S x S, nothing to resample
-        out.copy_(x.add_(bias))
-        return
-    n = x.shape[0]
+    fast = p_all is not None and spec.colour_mode == "fast"
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
                                 ("perspective", spec.perspective)) if on and emulate_clipping
               and geometric]
-    # CPU: chunks of a few images through reused buffers keep every temporary in cache
-    # and avoid page-faulting fresh memory each batch (about 2x faster than one pass over
-    # the batch). CUDA: the whole batch at once, buffers from the caching allocator.
-    step = n if dev.type != "cpu" else _CPU_CHUNK
-    m0 = min(n, step)
-    if dev.type == "cpu":
-        planes, grid = _WORK.get(m0, S)
-    else:
-        planes = torch.empty((5, m0, S, S), device=dev)
-        grid = torch.empty((m0, S, S, 2), device=dev)
+    step = _CPU_CHUNK if cpu else hi - lo
+    m0 = min(hi - lo, step)
+
+    def work(name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
+        if cpu:
+            return _WORK.get(name, shape, like)
+        return torch.empty(shape, device=dev) if like is None else torch.empty_like(like, dtype=torch.float32)
+    planes, grid = work("planes", (5, m0, S, S)), work("grid", (m0, S, S, 2))
     proj = spec.perspective and geometric
-    for i in range(0, n, step):
-        sl, m = slice(i, min(n, i + step)), min(n, i + step) - i
+    for i in range(lo, hi, step):
+        sl, m = slice(i, min(hi, i + step)), min(hi, i + step) - i
+        p = None if p_all is None else p_all[sl]
+        mats = None if mats_all is None else {k: v[sl] for k, v in mats_all.items()}
+        if fast:     # one matmul: colour, 1/255 and 1/std; it also writes NCHW planes
+            x = work("src", (m0, *x_all.shape[1:]), x_all[lo:lo + m0])[:m].copy_(x_all[sl])
+            if max(x.shape[-2:]) > S:            # shrink first: bilinear sampling would alias
+                x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+            n, _, h, w = x.shape
+            unit = 255.0 if x_all.dtype == torch.uint8 else 1.0
+            A, b = fast_colour_map(x, p, spec, mats if geometric else None, unit, inv_std.view(3))
+            x = torch.baddbmm(b[:, :, None], A, x.view(n, 3, h * w),   # either layout: GEMM
+                              out=work("colour", (m0, 3, h * w))[:m]).view(n, 3, h, w)
+            x = torch.clamp(x, torch.zeros_like(inv_std), inv_std, out=x)   # [0, 1] / std
+        else:
+            x = _float_source(x_all[sl], S)
+            if p is not None:
+                x = colour(x, p, spec, mats if geometric else None)
+            x = x * inv_std                      # fill 0 stays 0; bias added at the end
+        if mats is None:                         # already S x S, nothing to resample
+            out_all[sl].copy_(x.add_(bias))
+            continue
         P, g = planes[:, :m], grid[:m]
-        gx, gy = grid_planes(mats["crop"][sl], S, proj, out=(P[0], P[1], P[2]))
+        gx, gy = grid_planes(mats["crop"], S, proj, out=(P[0], P[1], P[2]))
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
-        w = torch.grid_sampler_2d(x[sl], g, 0, 1, False)   # bilinear, border, half-pixel
+        w = torch.grid_sampler_2d(x, g, 0, 1, False)   # bilinear, border, half-pixel
         if geometric:                            # (a plain resize never leaves the canvas)
             mask = _coverage_(gx, gy, S)         # in P[0]
             for st in stages:                    # the sequence's intermediate canvases
-                mask.mul_(_coverage_(*grid_planes(mats[st][sl], S, proj, out=(P[2], P[3], P[4])), S))
+                mask.mul_(_coverage_(*grid_planes(mats[st], S, proj, out=(P[2], P[3], P[4])), S))
             torch.addcmul(bias, w, mask.unsqueeze(1), out=w)
         else:
             w.add_(bias)
-        out[sl].copy_(w)                         # NCHW -> channels_last (+ dtype) in one copy
+        out_all[sl].copy_(w)                     # NCHW -> channels_last (+ dtype) in one copy
 
 
 def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
@@ -335,10 +402,32 @@ def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator 
     return apply(images, spec, p, dtype, emulate_clipping)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name, core count and widest vector ISA (for benchmark headers)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name":
+                    name = val.strip()
+                elif key.strip() == "flags":
+                    flags = set(val.split())
+                    break
+    except OSError:
+        pass
+    isa = [x for x, flag in (("AMX", "amx_tile"), ("AVX512", "avx512f"), ("AVX2", "avx2"))
+           if flag in flags]
+    return f"{name}, {os.cpu_count()} cores, {'/'.join(isa) or 'no AVX2'}"
+
+
 def _main(argv=None) -> None:
-    """Augmentation-only throughput on an in-memory uint8 batch (no data loading):
+    """Augmentation-only throughput on an in-memory uint8 batch (no data loading), each
+    configuration timed in interleaved rounds, median round reported:
     python -m loaders.augment [--device cuda] [--size 128] [--source 32] [--batch-size 256]"""
     import argparse
+    import dataclasses
+    import statistics
     import time
 
     ap = argparse.ArgumentParser(description=_main.__doc__)
@@ -346,7 +435,8 @@ def _main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128, help="training size")
     ap.add_argument("--source", type=int, default=32, help="stored image size (CIFAR: 32)")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=10, help="batches per timed round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a = ap.parse_args(argv)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -354,24 +444,37 @@ def _main(argv=None) -> None:
     x = torch.randint(0, 256, (a.batch_size, a.source, a.source, 3), dtype=torch.uint8,
                       generator=g, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    spec = AugmentSpec(size=a.size)
-    for name, kw in (("full spec, keep content", {}), ("full spec, emulate clipping",
-                     {"emulate_clipping": True}), ("augment off (resize + normalise)",
-                                                   {"train": False})):
-        for _ in range(3):
-            augment(x, spec, g, dtype, **kw)
-        times = []
-        for _ in range(3):
+    fast = AugmentSpec(size=a.size, colour_mode="fast")
+    exact = dataclasses.replace(fast, colour_mode="exact")
+    configs = {"full spec, exact colour": (exact, {}),
+               "full spec, fast colour": (fast, {}),
+               "full spec, fast colour, emulate clipping": (fast, {"emulate_clipping": True}),
+               "augment off (resize + normalise)": (fast, {"train": False})}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    cpu_times: dict[str, list[float]] = {k: [] for k in configs}
+    for name, (spec, kw) in configs.items():             # warm-up
+        augment(x, spec, g, dtype, **kw)
+    for _ in range(a.rounds):
+        for name, (spec, kw) in configs.items():
             sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(a.batches):
                 augment(x, spec, g, dtype, **kw)
             sync()
-            times.append(time.perf_counter() - t)
-        best = sorted(times)[1]
-        print(f"augment-only {name:34s} {a.source}->{a.size}px batch {a.batch_size} on {dev} "
-              f"({a.dtype}, {torch.get_num_threads()} threads): "
-              f"{a.batches * a.batch_size / best:,.0f} images/s")
+            times[name].append(time.perf_counter() - t)
+            cpu_times[name].append(time.process_time() - c)
+    where = _cpu_name() if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print(f"augment-only images/s, {a.source}->{a.size}px, batch {a.batch_size}, {a.dtype}, "
+          f"on {dev} ({where}), {torch.get_num_threads()} threads, median of {a.rounds} "
+          f"interleaved rounds of {a.batches} batches; per wall-clock second and per second "
+          f"of this process's CPU time (steadier on a shared machine)")
+    rates = {}
+    for name in configs:
+        n = a.batches * a.batch_size
+        rates[name] = (n / statistics.median(times[name]), n / statistics.median(cpu_times[name]))
+        print(f"  {name:42s} {rates[name][0]:9,.0f} wall {rates[name][1]:9,.0f} cpu")
+    f, e = rates["full spec, fast colour"], rates["full spec, exact colour"]
+    print(f"  fast / exact colour: {f[0] / e[0]:.2f}x wall, {f[1] / e[1]:.2f}x cpu")
 
 
 if __name__ == "__main__":

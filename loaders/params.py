@@ -13,11 +13,12 @@ centre, translation, perspective.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
-from loaders.spec import AugmentSpec
+from loaders.spec import LUMA, AugmentSpec
 
 NCOLS = 24          # uniforms per sample; column layout in params_from_uniforms
 
@@ -213,3 +214,44 @@ def warp_matrix(p: Params, S: int, src_hw=None) -> torch.Tensor:
     to_src = _mat([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]])
     from_out = const(((2 / S, 0, -1), (0, 2 / S, -1), (0, 0, 1)), torch.float64, dev)
     return to_src @ stage_matrices(p, S)["crop"] @ from_out
+
+
+# ---------------------------------------------------------------------------- colour
+
+def colour_affine(p: Params, spec: AugmentSpec, mean_rgb: torch.Tensor,
+                  coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample colour map x -> A @ x + b on RGB in [0, 1], A (N,3,3) and b (N,3)
+    float64, that ColorJitter (in each sample's own op order) then grayscale compose to,
+    WITHOUT the clamps between ops (augment.py's fast mode). Brightness, contrast and
+    saturation are torchvision's blends, linear maps about black, the image's grey mean and
+    each pixel's grey. The contrast pivot is the grey mean of the image as it is at that
+    point of the order: LUMA . (A @ mean_rgb + b * coverage), where `mean_rgb` (N,3) is the
+    source's channel means over the canvas the jitter sees, zero fill counted, and
+    `coverage` (N,) the fraction of that canvas the image covers. Hue: a rotation by hue
+    turns about the grey axis (1,1,1): HSV's hue is the angle about that axis (on a
+    hexagon, not a circle), so this is a linear stand-in for its shift, closer to it on
+    CIFAR-10 than DALI's rotation of the YIQ chroma plane (docs/loaders.md)."""
+    n, dev, dt = len(p), p.hue.device, torch.float64
+    eye = torch.eye(3, dtype=dt, device=dev).expand(n, 3, 3)
+    luma = const(LUMA, dt, dev)
+    grey = const((LUMA,) * 3, dt, dev)                 # every row LUMA: x -> its grey
+    A, b = eye, torch.zeros(n, 3, dtype=dt, device=dev)
+    if spec.jitter:
+        v = lambda f: f.to(dt)[:, None, None]   # noqa: E731
+        th = v(p.hue) * (2 * math.pi)              # Rodrigues about u = (1,1,1)/sqrt(3)
+        r = 1 / math.sqrt(3)
+        cross_u = const(((0, -r, r), (r, 0, -r), (-r, r, 0)), dt, dev)
+        hue = torch.cos(th) * eye + torch.sin(th) * cross_u + (1 - torch.cos(th)) / 3
+        sat = v(p.saturation) * eye + (1 - v(p.saturation)) * grey
+        by_op = torch.stack([v(p.brightness) * eye, v(p.contrast) * eye, sat, hue], dim=1)
+        rows = torch.arange(n, device=dev)
+        for j in range(4):                             # torchvision's fn_idx order
+            op = p.order[:, j]
+            m = by_op[rows, op]
+            pivot = ((A @ mean_rgb.to(dt)[:, :, None])[:, :, 0] + b * coverage.to(dt)[:, None]) @ luma
+            lift = torch.where(op == 1, (1 - p.contrast) * pivot, 0.0)
+            A, b = m @ A, (m @ b[:, :, None])[:, :, 0] + lift[:, None]
+    if spec.grayscale:
+        g = torch.where(p.grayscale[:, None, None], grey, eye)
+        A, b = g @ A, (g @ b[:, :, None])[:, :, 0]
+    return A, b
