@@ -21,11 +21,11 @@ $(STAMP):
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q "numpy<2.5" cython pkgconfig
-	$(PY) -m pip install -q --no-build-isolation -e '.[dali,ffcv,test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dali,ffcv,export,test]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
 train: install
-	$(PY) -m engine.train --preset cpu-demo --loader dali $(TRAIN_ARGS)
+	$(PY) -m engine.train --preset cpu-demo --loader dali --budget 4m $(TRAIN_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -3,6 +3,10 @@
 can still `pip install -e .` and use the torchvision/resident loaders."""
 from setuptools import find_packages, setup
 
+# engine.export: ONNX (torch's torch.export-based exporter needs onnx + onnxscript; the check
+# runs onnxruntime) and safetensors. The tests exercise them, so `test` pulls them in too.
+EXPORT = ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "safetensors>=0.4"]
+
 setup(
     name="fasttrain",
     version="0.1.0",
@@ -17,10 +21,13 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "pyyaml",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless"],
-        "test": ["pytest", "pytest-timeout"],
+        "tensorboard": ["tensorboard"],
+        "export": EXPORT,
+        "test": ["pytest", "pytest-timeout", "tensorboard", *EXPORT],
     },
 )

@@ -4,7 +4,8 @@ eager PyTorch (the unfused reference) and against ``torch.compile`` of that refe
 batch 256 at 128x128, channels_last), as ratios measured in the same run.
 
     python -m benchmarks.kernels [--batch 256] [--dtype bf16|fp16|fp32] [--quick] [--json PATH]
-    TRITON_INTERPRET=0 python -m benchmarks.kernels --compile-only   # every kernel for sm_90, no GPU needed
+    TRITON_INTERPRET=0 python -m benchmarks.kernels --compile-only [--family bn_silu|mish]
+                                        # every kernel (of one family) for sm_90, no GPU needed
 
 On a machine without CUDA it says that speed needs a GPU, runs a correctness pass of the
 Triton kernels under TRITON_INTERPRET=1 on tiny shapes plus the sm_90 compile check, and
@@ -63,9 +64,10 @@ def _signature(fn, const: dict, io_dtype: str) -> dict:
     return sig
 
 
-def compile_check(arch: int = 90) -> int:
-    """Compile each kernel (each constexpr variant) to a cubin for ``arch``; returns failures.
-    Catches what the interpreter cannot: unsupported constructs, non-constexpr globals."""
+def compile_check(arch: int = 90, family: str | None = None) -> int:
+    """Compile each kernel (each constexpr variant) of ``family`` ("bn_silu", "mish", None =
+    both) to a cubin for ``arch``; returns failures. Catches what the interpreter cannot:
+    unsupported constructs, non-constexpr globals."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run --compile-only with TRITON_INTERPRET=0"
     import triton
     from triton.backends.compiler import GPUTarget
@@ -73,7 +75,7 @@ def compile_check(arch: int = 90) -> int:
 
     from kernels import _triton_batchnorm_silu as tb, _triton_mish as tm
     rows = dict(BLOCK_R=64, BLOCK_C=64)
-    variants = [
+    families = {"bn_silu": [
         (tb.bn_stats_partial, rows), (tb.bn_stats_combine, dict(BLOCK_P=64, BLOCK_C=64)),
         (tb.bn_running_update, dict(BLOCK_C=64)),
         (tb.bn_silu_apply, dict(HAS_W=True, HAS_B=True, **rows)),
@@ -81,7 +83,8 @@ def compile_check(arch: int = 90) -> int:
         (tb.bn_silu_bwd_reduce, dict(HAS_W=True, HAS_B=True, **rows)),
         (tb.bn_silu_bwd_dx, dict(HAS_W=True, HAS_B=True, TRAINING=True, **rows)),
         (tb.bn_silu_bwd_dx, dict(HAS_W=True, HAS_B=False, TRAINING=False, **rows)),
-    ] + [(fn, dict(K=k, BLOCK=1024)) for fn in (tm.mish_chain_fwd, tm.mish_chain_bwd) for k in (1, 4)]
+    ], "mish": [(fn, dict(K=k, BLOCK=1024)) for fn in (tm.mish_chain_fwd, tm.mish_chain_bwd) for k in (1, 4)]}
+    variants = [v for name, vs in families.items() if family in (None, name) for v in vs]
     failures = 0
     for fn, const in variants:
         for io in ("bf16", "fp32"):
@@ -242,10 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 cases only")
     ap.add_argument("--json", help="write the result rows here")
     ap.add_argument("--compile-only", action="store_true", help="sm_90 compile check, then exit")
+    ap.add_argument("--family", choices=("bn_silu", "mish"), help="--compile-only: this kernel family only")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # smoke tests of bench()
     args = ap.parse_args(argv)
     if args.compile_only:
-        return 1 if compile_check() else 0
+        return 1 if compile_check(family=args.family) else 0
     if not torch.cuda.is_available():
         print("benchmarks.kernels: speed needs a CUDA GPU (none here); running the interpreter "
               "correctness pass and the sm_90 compile check instead.")

@@ -21,6 +21,8 @@ in the same run. Results in the README name the machine they came from.
   in images/s.
 - kind=end_to_end: loader + step together over `--batches` batches for each loader (one
   warm-up epoch first), with the fraction of the time spent waiting for data.
+`--rows` picks row kinds and `--combos` train combos (compile/kernels/amp, `*` for any), so a
+short run measures a subset: `--rows train --combos "0/torch/off,1/*/bf16"`.
 
 Measured (2-core Xeon VM with AMX, no GPU, torch 2.14.1 CPU, quiet machine, commit 12828b8,
 CIFAR-10 JPEGs via `--data shared --train --augment on --batches 8 --steps 20 --passes 5`):
@@ -116,16 +118,24 @@ def measure_loader(args, loader_name: str, augment: bool) -> dict:
                 size=args.size, batch_size=args.batch_size, images=n, device=str(device))
 
 
-def _trainer(args, tmp: str, **over):
+def _engine(args, **over):
+    """(cfg, engine, spec) for the preset with --engine-args and `over` on top: the step the
+    engine trains with, built without reading data or creating a run folder."""
     from engine.config import config_from_args
-    from engine.train import Trainer
-    argv = ["--preset", args.preset, "--data", args.data, "--cache-dir", args.cache_dir, "--out", tmp,
+    from engine.precision import configure_threads, resolve_amp, resolve_compile, resolve_device
+    from engine.step import build_engine
+    import kernels as kernel_backends
+    argv = ["--preset", args.preset, "--data", args.data, "--cache-dir", args.cache_dir,
             "--device", args.device, "--workers", str(args.workers)]
     argv += shlex.split(args.engine_args)
     for k, v in over.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     cfg, _ = config_from_args(argv)
-    return Trainer(cfg)
+    device = resolve_device(cfg.device)
+    configure_threads(device)
+    kernel_backends.set_backend(cfg.kernels)
+    eng = build_engine(cfg, 10, device, resolve_amp(cfg.amp, device), use_compile=resolve_compile(cfg.compile, device))
+    return cfg, eng, cfg.spec()
 
 
 def compile_cache() -> str | None:
@@ -137,68 +147,65 @@ def compile_cache() -> str | None:
 
 
 def measure_train(args, compile_: bool, kernels: str, amp: str) -> dict:
-    """kind=train: the step alone on one fixed batch."""
-    import tempfile
-
+    """kind=train: `engine.step.train_step` alone on one fixed batch, the run's fused AdamW."""
     import torch
     import torch.nn.functional as F
     from engine.config import STAGES
-    with tempfile.TemporaryDirectory() as tmp:
-        t = _trainer(args, tmp, compile="on" if compile_ else "off", kernels=kernels, amp=amp, loader="torchvision")
-        compile_s = t.warm_up_compile()
-        x, y = next(iter(t.train_loader))
-        y_soft = F.one_hot(y, t.data.num_classes).float()
-        opt = t.make_optimizer(STAGES[0])      # the run's own optimizer (fused AdamW)
-        t.model.train()
-        times = []
-        for p in range(args.passes + 1):       # pass 0 warms caches and autotuning
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                t.train_step(opt, x, y_soft)
-            if t.device.type == "cuda":
-                torch.cuda.synchronize()
-            if p:
-                times.append(time.perf_counter() - t0)
-        ips = args.steps * y.shape[0] / statistics.median(times)
-        flops = None
-        try:
-            from engine.models import forward_flops
-            flops = 3 * forward_flops(t.model, t.spec.size)            # forward + backward ~ 3x forward
-        except Exception:  # noqa: BLE001  (FLOP counting is informative only)
-            pass
-        return dict(kind="train", compile=compile_, kernels=kernels, amp=amp, loader=None, images_per_s=ips,
-                    compile_s=round(compile_s, 2), compile_cache=compile_cache(),
-                    tflops=round(ips * flops / 1e12, 3) if flops else None, batch_size=y.shape[0],
-                    size=t.spec.size, preset=args.preset, device=str(t.device))
+    from engine.loop import warm_up_compile
+    from engine.models import forward_flops
+    from engine.step import train_step
+    cfg, eng, spec = _engine(args, compile="on" if compile_ else "off", kernels=kernels, amp=amp)
+    compile_s = warm_up_compile(eng, spec.size, cfg.batch_size, set(), tta=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, 3, spec.size, spec.size, generator=g).to(eng.device)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=g).to(eng.device)
+    y_soft = F.one_hot(y, 10).float()
+    opt = eng.optimizer(STAGES[0].lr_start)
+    eng.model.train()
+    times = []
+    for p in range(args.passes + 1):       # pass 0 warms caches and autotuning
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(eng, opt, x, y_soft)
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        if p:
+            times.append(time.perf_counter() - t0)
+    ips = args.steps * cfg.batch_size / statistics.median(times)
+    flops = 3 * forward_flops(eng.model, spec.size)            # forward + backward ~ 3x forward
+    return dict(kind="train", compile=compile_, kernels=kernels, amp=amp, loader=None, images_per_s=ips,
+                compile_s=round(compile_s, 2), compile_cache=compile_cache(),
+                tflops=round(ips * flops / 1e12, 3), batch_size=cfg.batch_size,
+                size=spec.size, preset=args.preset, device=str(eng.device))
 
 
 def measure_end_to_end(args, loader: str) -> dict:
-    """kind=end_to_end: loader + step for `--batches` batches per epoch, median of passes."""
-    import tempfile
-
+    """kind=end_to_end: loader + `engine.loop.train_epoch` for `--batches` batches, median of passes."""
     import torch
     from engine.config import STAGES
-    from engine.train import amp_name
+    from engine.loop import BadSteps, EpochSetup, train_epoch, warm_up_compile
+    from engine.precision import amp_name
     from loaders.base import LoaderOptions, build_loader
-    with tempfile.TemporaryDirectory() as tmp:
-        t = _trainer(args, tmp, loader=loader)
-        compile_s = t.warm_up_compile()
-        o = t.train_loader.opts if hasattr(t.train_loader, "opts") else None
-        opts = o or LoaderOptions(train=True, batch_size=t.cfg.batch_size, device=t.device,
-                                  dtype=t.amp or torch.float32, workers=t.cfg.workers)
-        t.train_loader = build_loader(loader, subset(t.data.train, args.batches * t.cfg.batch_size), t.spec, opts)
-        opt = t.make_optimizer(STAGES[0])
-        stats = []
-        for p in range(args.passes + 1):
-            t.train_loader.set_epoch(p)
-            r, _ = t.train_epoch(opt, STAGES[0], None, 0, args.batches, f"e2e {loader}")
-            if p:
-                stats.append(r)
-        mid = sorted(stats, key=lambda r: r["images_per_s"])[len(stats) // 2]
-        return dict(kind="end_to_end", compile=t.use_compile, kernels=t.cfg.kernels, amp=amp_name(t.amp),
-                    loader=loader, images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
-                    compile_s=round(compile_s, 2), compile_cache=compile_cache(), batch_size=t.cfg.batch_size,
-                    size=t.spec.size, preset=args.preset, device=str(t.device))
+    from loaders.datasets import load_dataset
+    cfg, eng, spec = _engine(args, loader=loader)
+    compile_s = warm_up_compile(eng, spec.size, cfg.batch_size, set(), tta=False)
+    data = load_dataset(cfg.data, cfg.cache_dir)
+    opts = LoaderOptions(train=True, batch_size=cfg.batch_size, device=eng.device, dtype=eng.amp or torch.float32,
+                         workers=cfg.workers)
+    train_loader = build_loader(loader, subset(data.train, args.batches * cfg.batch_size), spec, opts)
+    opt = eng.optimizer(STAGES[0].lr_start)
+    stats = []
+    for p in range(args.passes + 1):
+        setup = EpochSetup(opt=opt, lr=lambda s: STAGES[0].lr_start, mixup=None, num_classes=data.num_classes,
+                           desc=f"e2e {loader}", epoch=p, show_bar=False)
+        r, _ = train_epoch(eng, train_loader, setup, BadSteps(eng.device, 10**9), 0)
+        if p:
+            stats.append(r)
+    mid = sorted(stats, key=lambda r: r["images_per_s"])[len(stats) // 2]
+    return dict(kind="end_to_end", compile=eng.use_compile, kernels=cfg.kernels, amp=amp_name(eng.amp),
+                loader=loader, images_per_s=mid["images_per_s"], data_wait_frac=round(mid["data_wait_frac"], 3),
+                compile_s=round(compile_s, 2), compile_cache=compile_cache(), batch_size=cfg.batch_size,
+                size=spec.size, preset=args.preset, device=str(eng.device))
 
 
 def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
@@ -224,14 +231,27 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('peak_rss_mb', '-'):>12}" + (f"  ({r['error']})" if r.get("error") else ""))
 
 
+def select_combos(combos: list[tuple], patterns: str) -> list[tuple]:
+    """The (compile, kernels, amp) combos matching any comma-separated `C/K/A` pattern (`*`
+    matches anything); all of them for an empty `patterns`."""
+    if not patterns:
+        return combos
+    pats = [p.split("/") for p in patterns.split(",") if p]
+    if any(len(p) != 3 for p in pats):
+        raise SystemExit(f"error: --combos takes compile/kernels/amp patterns, e.g. 0/*/* or 1/triton/bf16 "
+                         f"(got {patterns!r})")
+    return [c for c in combos if any(all(q in ("*", str(v)) for q, v in zip(p, c)) for p in pats)]
+
+
 def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
     import torch
-    from engine.train import cpu_reports_bf16
+    from engine.precision import cpu_reports_bf16
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     # bf16 is measured wherever it may apply: CUDA, or a CPU whose flags claim native bf16
     # (whether `--amp auto` picks it there is decided by a probe; the rows show if it pays).
     amps = ("off", "bf16") if cuda or cpu_reports_bf16() else ("off",)
     combos = [(c, k, a) for c in (0, 1) for k in (("torch", "triton") if cuda else ("torch",)) for a in amps]
+    combos = select_combos(combos, args.combos) if "train" in args.rows else []
     # Round-robin over the combos `--repeats` times (a fresh process each): drift of the
     # machine hits every combo alike; each row is the median run, with all runs listed.
     runs: dict = {combo: [] for combo in combos}
@@ -251,7 +271,7 @@ def train_rows(args, loaders: list[str], info: dict) -> list[dict]:
                      "compile_s_runs": [r["compile_s"] for r in done if r.get("images_per_s")]})
     eager = next((r for r in rows if r.get("images_per_s") and not r.get("compile") and r.get("kernels") == "torch"
                   and r.get("amp") == "off"), None)
-    for name in loaders:
+    for name in loaders if "end_to_end" in args.rows else ():
         rows.append({**run_child(args, name, True, "end_to_end"), **info})
         print(f"  measured end_to_end {name}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
               file=sys.stderr, flush=True)
@@ -290,8 +310,15 @@ def main(argv=None) -> list[dict]:
                    "(the row is the median run)")
     p.add_argument("--engine-args", default="", help="engine.train flags applied on top of --preset for the "
                    "--train rows, e.g. \"--width 0.5 --size 64\"")
+    p.add_argument("--rows", default="", help="row kinds to measure, comma-separated: loader, train, end_to_end "
+                   "(default: loader, plus train and end_to_end with --train)")
+    p.add_argument("--combos", default="", help="train rows to measure: comma-separated compile/kernels/amp, "
+                   "* for any, e.g. \"0/*/*\" (eager) or \"1/triton/bf16\" (default: all)")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.rows = set(args.rows.split(",")) - {""} or {"loader"} | ({"train", "end_to_end"} if args.train else set())
+    if args.rows - {"loader", "train", "end_to_end"}:
+        p.error(f"--rows takes loader, train, end_to_end (got {','.join(sorted(args.rows))})")
     if args._child:
         what, name, aug = args._child.split(",")
         if what == "loader":
@@ -317,7 +344,7 @@ def main(argv=None) -> list[dict]:
           f"data {args.data} | {args.size}px, batch {args.batch_size} x {args.batches}, median of {args.passes}",
           flush=True)
     rows = []
-    for aug in augments:
+    for aug in augments if "loader" in args.rows else ():
         for name in names:
             rows.append({**run_child(args, name, aug), **info})
             print(f"  measured {name} augment={'on' if aug else 'off'}: {rows[-1].get('images_per_s') or rows[-1].get('error')}",
@@ -326,8 +353,9 @@ def main(argv=None) -> list[dict]:
         base = next((b for b in rows if b["loader"] == "torchvision" and b["augment"] == r["augment"]), None)
         ok = base and base.get("images_per_s") and r.get("images_per_s")
         r["ratio_vs_torchvision"] = r["images_per_s"] / base["images_per_s"] if ok else None
-    print_table(rows)
-    if args.train:
+    if rows:
+        print_table(rows)
+    if args.rows & {"train", "end_to_end"}:
         rows += train_rows(args, names, info)
     if args.json:
         from loaders.common import atomic_write

@@ -1,18 +1,15 @@
 """Checkpoints that survive a kill at any moment, a full disk and a truncated file.
 
-A run folder holds `last.pt` (the newest resumable state) and `prev.pt` (the one before
-it). `save_rotating` writes the new state to a temp file beside them, fsyncs it, turns the
-current `last.pt` into `prev.pt` (a hard link swapped in by rename) and renames the temp
-file over `last.pt`; every step is a rename, so whenever the process dies at least one of
-the two is a complete checkpoint, and a failed write (ENOSPC) leaves both untouched.
-`load_resumable` reads `last.pt` and falls back to `prev.pt`, with a warning, when the
-former is missing, truncated or corrupt.
+A run folder holds `last.pt` (the newest resumable state) and `prev.pt` (the one before it).
+`save_rotating` writes the new state to a temp file beside them, fsyncs it, turns the current
+`last.pt` into `prev.pt` (a hard link swapped in by rename) and renames the temp file over
+`last.pt`: whenever the process dies at least one of the two is complete, and a failed write
+leaves both untouched. `load_resumable` reads `last.pt` and falls back to `prev.pt` (saying
+why) when the former is missing, truncated or corrupt.
 
-What a resumable state holds (built by engine.train.Trainer): the resolved config, the
-position (stage index, epoch within the stage, batch within the epoch: the next thing to
-do), the global step, model / optimizer / GradScaler states, the metrics rows so far, the
-stage's best validation accuracy, the run's best and time-to-target bookkeeping, and per
-rank its RNG states (torch CPU and CUDA, numpy, python) and the partial epoch's metric sums.
+A resumable state: the resolved config, the `Position` (the next thing to do), the
+`Progress` bookkeeping, model / optimizer / GradScaler states, the metrics rows, the
+dataset's classes, and per rank its RNG states and partial-epoch sums.
 """
 from __future__ import annotations
 
@@ -20,7 +17,8 @@ import contextlib
 import os
 import random
 import tempfile
-import warnings
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,38 @@ import torch
 from loaders.common import ConfigError, atomic_path
 
 LAST, PREV = "last.pt", "prev.pt"
-FORMAT = 1
+FORMAT = 2                  # 2: typed Position/Progress, classes
+
+
+@dataclass
+class Position:
+    """Where a run continues: planned stage index, epoch within it, batch within the epoch."""
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Progress:
+    """A run's bookkeeping across epochs and stages."""
+    stage_step: int = 0            # optimizer steps taken in the current stage
+    stage_best: float = -1.0       # the current stage's best validation accuracy
+    best_acc: float = 0.0          # the run's best validation accuracy ...
+    best_at: str | None = None     # ... and where ("pretraining epoch 3")
+    elapsed: float = 0.0           # train + eval seconds (compile excluded)
+    images: int = 0                # training images seen
+    reached: dict | None = None    # --target-acc: seconds, images, where
+    epoch_global: int = 0          # epochs done across stages: the loaders' epoch number
+    global_step: int = 0
+    plan: list | None = None       # --budget: epochs per planned stage, as last (re)planned
+    budget_spent: float = 0.0      # --budget: wall seconds of earlier processes of this run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Progress":
+        return cls(**d)
 
 
 def save_checkpoint(path: Path, **state) -> None:
@@ -87,13 +116,13 @@ def load_resumable(run_dir: Path, map_location="cpu") -> tuple[dict, Path]:
             continue
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
-            if not isinstance(state, dict) or "position" not in state or "model" not in state:
-                raise ValueError("not a resumable checkpoint")
+            if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+                raise ValueError("not a resumable checkpoint of this version")
         except Exception as e:  # noqa: BLE001 - truncated pickles raise many kinds of errors
-            problems.append(f"{path.name} unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            problems.append(f"{path.name} unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
             continue
         if problems:
-            warnings.warn(f"resume: {'; '.join(problems)}; falling back to {path}", RuntimeWarning, stacklevel=2)
+            print(f"warning: resume: {'; '.join(problems)}; falling back to {path}", file=sys.stderr, flush=True)
         return state, path
     raise ConfigError(f"--resume {run_dir}: no usable checkpoint ({'; '.join(problems)}); start a new run")
 

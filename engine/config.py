@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -67,6 +69,8 @@ class Config:
     kernels: str = "auto"            # fused-op backend: auto (Triton on CUDA) | triton | torch
     tta: bool = False                # also report horizontal-flip test-time-augmented accuracy
     target_acc: float = 0.0          # stop when val accuracy reaches this (0 = run all stages)
+    budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
+    log: str = ""                    # "tensorboard": also write TensorBoard events to <run>/tensorboard
     workers: int = 2
     seed: int = 0
     max_params: int = 5_000_000
@@ -76,17 +80,12 @@ class Config:
     log_every: int = 20              # steps between progress-bar reads of the device metrics
     aug: dict = field(default_factory=dict)       # AugmentSpec overrides (not size)
     no_aug: tuple[str, ...] = ()     # augmentations switched off
-    # Reliability
     resume: str = ""                 # run folder to continue: --resume runs/NAME
     checkpoint_every: int = 0        # also checkpoint every N steps inside an epoch (0 = off)
     max_bad_steps: int = 20          # stop after this many consecutive non-finite steps
     strict: bool = False             # bad data (skipped files, empty class folders) is an error
     sync_bn: bool = False            # torchrun: SyncBatchNorm across ranks (CUDA)
     deterministic: bool = False      # torch.use_deterministic_algorithms (bitwise resume)
-    # Test hooks (debug_*): harmless when unset
-    debug_nan_steps: tuple[int, ...] = ()   # poison the batch at these global steps (0-based)
-    debug_step_sleep: float = 0.0    # sleep after every step (lets a test kill a run mid-epoch)
-    record_samples: str = ""         # folder: each rank writes the samples it saw and its weights
 
     def spec(self) -> AugmentSpec:
         try:
@@ -94,7 +93,7 @@ class Config:
         except TypeError as e:
             raise ConfigError(f"bad --aug override ({e}); fields: {', '.join(AugmentSpec.field_names())}") from None
         except ValueError as e:
-            raise ConfigError(f"{e}; fix the --aug override") from None
+            raise ConfigError(f"{e} (the preset's --aug values with yours on top); fix the --aug.FIELD flag") from None
         return spec.without(*self.no_aug) if self.no_aug else spec
 
     def stage_plan(self) -> list[tuple[Stage, int]]:
@@ -139,8 +138,7 @@ PRESETS: dict[str, dict] = {
 # (a different --device or --compile changes float rounding, not the recipe). Anything else
 # given with --resume must equal the run's value.
 RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
-               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic",
-               "debug_nan_steps", "debug_step_sleep", "record_samples")
+               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic", "log")
 
 
 def _parse_value(text: str, example, annotation: str = ""):
@@ -157,9 +155,16 @@ def _parse_value(text: str, example, annotation: str = ""):
     return type(example)(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line ConfigError instead of a usage dump."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see {self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default cpu-demo)")
     defaults = Config()
     for f in fields(Config):
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", nargs="?", const="on", default=None,
                    help="torch.compile the model: auto (default: on CUDA), on, off")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
+    p.add_argument("--config", default=None, help="a YAML file of flags (field: value, aug: {field: value}), "
+                   "layered over the preset and under the command line")
     p.add_argument("--no-aug", default=None,
                    help=f"comma-separated augmentations to switch off, or 'all' ({', '.join(AUGMENTATIONS)})")
     return p
@@ -210,11 +217,50 @@ def saved_config(run_dir: str | Path) -> Config:
     return dataclasses.replace(cfg, out=str(run.resolve().parent), name=run.resolve().name, resume=str(run))
 
 
+def config_file_args(argv: list[str]) -> list[str]:
+    """The flags a `--config FILE` (YAML) stands for, to be parsed before the command line's own
+    (so the command line wins): `batch_size: 64` -> --batch-size 64, `epochs: [14, 2, 1, 1]` ->
+    --epochs 14,2,1,1, `aug: {rotate_degrees: 15}` -> --aug.rotate_degrees 15."""
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or \
+        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return []
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({str(e).splitlines()[0]}); pass a YAML file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}")
+    known = {f.name for f in fields(Config)} | {"preset", "no_aug"}
+
+    def text(key, v):
+        if isinstance(v, bool):
+            return ("on" if v else "off") if key == "compile" else str(v).lower()
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    out = []
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k == "aug" and isinstance(value, dict):
+            bad = [f for f in value if f not in AugmentSpec.field_names() or f == "size"]
+            if bad:
+                raise ConfigError(f"--config {path}: unknown aug field(s) {bad}; fields: "
+                                  f"{', '.join(n for n in AugmentSpec.field_names() if n != 'size')}")
+            out += [a for f, v in value.items() for a in (f"--aug.{f}", text(f, v))]
+        elif k in known and k not in ("aug", "resume"):
+            out += ["--" + k.replace("_", "-"), text(k, value)]
+        else:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; use the flag names of python -m "
+                              "engine.train --help without the dashes (e.g. batch_size: 64)")
+    return out
+
+
 def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace]:
     """Config from the command line: the preset, then the flags given. With --resume RUN:
     the run's own config, and only the RESUME_SAFE flags may differ from it."""
     parser = parser or build_parser()
-    ns = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(config_file_args(argv) + argv)
     preset = ns.preset or "cpu-demo"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
@@ -257,7 +303,51 @@ def config_from_args(argv=None, parser=None) -> tuple[Config, argparse.Namespace
                                   "start a new run for a different recipe")
         over = {k: v for k, v in over.items() if k in RESUME_SAFE and k != "resume"}
     cfg = dataclasses.replace(cfg, **over)
-    if cfg.checkpoint_every < 0 or cfg.max_bad_steps < 1:
-        raise ConfigError("--checkpoint-every must be >= 0 and --max-bad-steps >= 1")
-    cfg.spec(), cfg.stage_plan()     # validate early: one-line errors before any work
+    validate(cfg)                    # one-line errors before any work
     return cfg, ns
+
+
+MIN_SIZE = 32                        # the models halve the image five times
+
+# flag -> (test, what it must be, an example of a good value)
+_RANGES = {
+    "batch_size": (lambda v: v >= 1, ">= 1", 64),
+    "size": (lambda v: v >= MIN_SIZE, f">= {MIN_SIZE} (the models halve the image five times)", 128),
+    "width": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0", 0.25),
+    "lr_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0", 1.0),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 0.05),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)", 0.1),
+    "warmup_epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 1),
+    "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)", 0.9),
+    "workers": (lambda v: v >= 0, ">= 0", 2),
+    "seed": (lambda v: v >= 0, ">= 0", 0),
+    "max_params": (lambda v: v >= 1, ">= 1", 5_000_000),
+    "log_every": (lambda v: v >= 1, ">= 1", 20),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)", 100),
+    "max_bad_steps": (lambda v: v >= 1, ">= 1", 20),
+    "epochs": (lambda v: all(e >= 0 for e in v) and any(v), "counts >= 0, at least one > 0", "14,2,1,1"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Every numeric flag's range (NaN and inf included), the augmentation spec and the stage
+    plan: a one-line ConfigError naming the flag, the value and a good value."""
+    for name, (ok, rule, example) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"--{name.replace('_', '-')} {shown}: must be {rule}; e.g. --{name.replace('_', '-')} {example}")
+    if cfg.log not in ("", "tensorboard"):
+        raise ConfigError(f"--log {cfg.log}: use --log tensorboard (or leave it out)")
+    if cfg.budget:
+        from engine.budget import parse_duration
+        try:
+            ok = parse_duration(cfg.budget) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--budget {cfg.budget}: not a duration; use e.g. --budget 4m, 90s or 1h30m")
+    cfg.spec()
+    if not cfg.stage_plan():
+        raise ConfigError(f"--epochs {','.join(map(str, cfg.epochs))} with --stages {cfg.stages}: no stage has an "
+                          "epoch to run; give the stages you run at least one epoch")

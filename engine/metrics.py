@@ -1,4 +1,5 @@
-"""metrics.csv (one row per epoch) and curves.png (the report's four panels, a colour per stage)."""
+"""metrics.csv (one row per epoch), curves.png (the report's four panels, a colour per stage)
+and, with --log tensorboard, TensorBoard events with the same scalars."""
 from __future__ import annotations
 
 import csv
@@ -50,3 +51,23 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+class TensorBoardLog:
+    """Every numeric column of a metrics row as a scalar (train/..., val/..., and the rest:
+    lr, data_wait_frac, images_per_s, ...), indexed by the run's epoch number. Needs the
+    `tensorboard` package (pip install -e .[tensorboard])."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(log_dir))
+
+    def add_row(self, row: dict, epoch: int) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                group = k.split("_", 1)[0] if k.startswith(("train_", "val_")) else "run"
+                self.writer.add_scalar(f"{group}/{k}", v, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

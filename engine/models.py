@@ -243,8 +243,7 @@ class ReportNet(nn.Module):
 
 
 # The stems halve the image five times (stem2's stride-2 conv and four max-pools), so the
-# last stem needs a 2x2 map: 32px is the smallest input every model accepts.
-MIN_SIZE = 32
+# last stem needs a 2x2 map: 32px (engine.config.MIN_SIZE) is the smallest input accepted.
 
 
 def _resolve(name: str, passthrough: str | None) -> tuple[str, str]:

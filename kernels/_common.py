@@ -51,9 +51,20 @@ def use_backend(name: str):
         _default_backend = previous
 
 
-def use_triton(backend: str | None, x: torch.Tensor) -> bool:
+def check_triton_device(device: torch.device) -> None:
+    """Before any launch: a one-line error naming the fixes when Triton cannot run on
+    ``device`` (a CPU tensor without the interpreter), instead of a deep Triton traceback."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        raise RuntimeError(
+            f"kernels: backend 'triton' got a {device.type} tensor, and Triton runs on CPU only "
+            "under its interpreter: use --kernels torch or auto (kernels.set_backend), or set "
+            "TRITON_INTERPRET=1")
+
+
+def want_triton(backend: str | None, x: torch.Tensor) -> bool:
     """Resolve a backend name for input ``x``: ``auto`` is Triton on CUDA (fp32/fp16/bf16),
-    the reference elsewhere; ``triton`` on a CPU tensor needs ``TRITON_INTERPRET=1``."""
+    the reference elsewhere; ``triton`` is always Triton, which on a CPU tensor needs
+    ``TRITON_INTERPRET=1`` (checked here, before the first launch)."""
     name = _check(backend or _default_backend)
     if name == "torch":
         return False
@@ -63,15 +74,13 @@ def use_triton(backend: str | None, x: torch.Tensor) -> bool:
         raise RuntimeError("backend='triton' but triton is not installed")
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {x.dtype}")
+    check_triton_device(x.device)
     return True
 
 
 def triton_module(name: str, device: torch.device):
     """Import ``kernels.<name>`` (Triton sources) for a launch on ``device``."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-        raise RuntimeError(
-            "Triton kernels on a CPU tensor need TRITON_INTERPRET=1 in the environment before "
-            "the first Triton kernel is used (or use backend='torch')")
+    check_triton_device(device)
     return importlib.import_module(f"kernels.{name}")
 
 

@@ -1,30 +1,17 @@
-"""Fused training-mode BatchNorm2d + SiLU (the report's ``Conv -> BatchNorm -> SiLU -> Conv``).
+"""Fused BatchNorm2d + SiLU (the report's ``Conv -> BatchNorm -> SiLU -> Conv``) in Triton.
 
-Forward (batch statistics): 3 launches -- per-program Welford partials over rows x channels,
-one merge into mean/var, one normalise+affine+SiLU pass -- plus a 1-launch running-stat
-update. Backward: 2 passes over (x, dy) -- one reduction for dbias = sum(dz) and
-dweight = sum(dz * x_hat) (dz = dL/d(pre-SiLU), recomputed from x), one elementwise pass
-for dx -- which is the minimum for batch-norm (dx needs both channel sums). The Triton
-sources are ``kernels/_triton_batchnorm_silu.py``.
+Launches: forward 3 (Welford partials over rows x channels, merge into mean/var,
+normalise+affine+SiLU) + 1 running-stat update; backward 2 (one reduction for dbias and
+dweight, one elementwise pass for dx), the minimum for batch norm. Kernels:
+``kernels/_triton_batchnorm_silu.py``; semantics: ``kernels.reference.bn_silu``.
 
-Registration: ``torch.library.custom_op`` (not ``triton_op``), functional ops with
-``register_fake`` and ``register_autograd``:
-
-* ``kernels::bn_silu_train(x, w, b, eps, use_triton) -> (y, mean, var)``
-* ``kernels::bn_silu_eval(x, w, b, running_mean, running_var, eps, use_triton) -> y``
-* ``kernels::bn_silu_backward(dy, x, w, b, mean, var, eps, training, use_triton) -> (dx, dw, db)``
-* ``kernels::bn_running_update(running_mean!, running_var!, mean, var, momentum, count, use_triton)``
-  (separate because ``register_autograd`` refuses ops that mutate their inputs).
-
-Why custom_op: ``torch.compile`` treats a custom_op as one opaque node, so a model using these
-ops compiles with ``fullgraph=True`` on any device, and the implementation then runs the
-Triton kernel (CUDA, or the interpreter on CPU) or the reference. A ``triton_op`` is traced
-*into* by torch.compile, which on CPU needs a Triton CPU backend that does not exist (the
-compile test here would fail), and the kernels are already fused, so inductor seeing inside
-them buys little beyond launch overhead. ``use_triton`` is an op argument (resolved from the
-backend before the op is called) so one registration serves both implementations;
-``backend="torch"`` skips the ops entirely and calls ``kernels.reference`` so that inductor
-can fuse the plain code itself (the CPU default).
+Ops (``torch.library.custom_op``, each with a fake impl; the two forward ops have autograd):
+``kernels::bn_silu_train``, ``bn_silu_eval``, ``bn_silu_backward`` and ``bn_running_update``
+(separate: register_autograd refuses mutating ops). A custom op always runs its Triton
+kernel and is one opaque node to torch.compile (fullgraph=True works on CPU and CUDA); a
+``triton_op`` would be traced into, which on CPU needs a Triton CPU backend. Backend choice
+lives in ``bn_silu``: "torch" calls the reference, so inductor can fuse the plain code.
+Details and measurements: docs/kernels.md.
 """
 from typing import Optional
 
@@ -34,7 +21,7 @@ from torch import Tensor
 
 from kernels import reference
 from kernels._common import (cdiv, interpreted, next_pow2, relayout, rows_strides, triton_module,
-                             use_triton)
+                             want_triton)
 
 _TRITON_SRC = "_triton_batchnorm_silu"
 _SM_COUNT: dict = {}
@@ -44,10 +31,6 @@ def _prep(x: Tensor) -> Tensor:
     """x itself when its H and W merge into one row stride (NCHW, channels_last), else a
     contiguous copy (same rule in the real and the fake implementations)."""
     return x if rows_strides(x) is not None else x.contiguous()
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _tiles(x: Tensor):
@@ -81,10 +64,14 @@ def _channel_meta(c: int, p: int = 1):
 
 
 # ---------------------------------------------------------------------------------------
-# Triton launchers
+# Ops: each runs its Triton kernels (CUDA, or the interpreter on CPU)
 
 
-def _triton_train(x: Tensor, weight, bias, eps: float):
+@torch.library.custom_op("kernels::bn_silu_train", mutates_args=())
+def bn_silu_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """silu(batch_norm(x)) with batch statistics; returns (y, mean, biased var) (fp32 stats)."""
+    x = _prep(x)
     tk = triton_module(_TRITON_SRC, x.device)
     n, c, h, w = x.shape
     y = torch.empty_like(x)
@@ -102,7 +89,18 @@ def _triton_train(x: Tensor, weight, bias, eps: float):
     return y, mean, var
 
 
-def _triton_eval(x: Tensor, weight, bias, running_mean, running_var, eps: float):
+@bn_silu_train.register_fake
+def _(x, weight, bias, eps):
+    x = _prep(x)
+    stat = x.new_empty(x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("kernels::bn_silu_eval", mutates_args=())
+def bn_silu_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                 running_var: Tensor, eps: float) -> Tensor:
+    """silu(batch_norm(x)) with the running statistics (no update)."""
+    x = _prep(x)
     tk = triton_module(_TRITON_SRC, x.device)
     _, c, h, w = x.shape
     y = torch.empty_like(x)
@@ -113,7 +111,17 @@ def _triton_eval(x: Tensor, weight, bias, running_mean, running_var, eps: float)
     return y
 
 
-def _triton_backward(dy: Tensor, x: Tensor, weight, bias, mean, var, eps: float, training: bool):
+@bn_silu_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    return torch.empty_like(_prep(x))
+
+
+@torch.library.custom_op("kernels::bn_silu_backward", mutates_args=())
+def bn_silu_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     mean: Tensor, var: Tensor, eps: float,
+                     training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias in fp32."""
+    x = _prep(x)
     tk = triton_module(_TRITON_SRC, x.device)
     n, c, h, w = x.shape
     if rows_strides(dy) is None:
@@ -132,7 +140,17 @@ def _triton_backward(dy: Tensor, x: Tensor, weight, bias, mean, var, eps: float,
     return dx, dw, db
 
 
-def _triton_running_update(running_mean, running_var, mean, var, momentum: float, count: int):
+@bn_silu_backward.register_fake
+def _(dy, x, weight, bias, mean, var, eps, training):
+    x = _prep(x)
+    stat = x.new_empty(x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("kernels::bn_running_update", mutates_args=("running_mean", "running_var"))
+def bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                      momentum: float, count: int) -> None:
+    """running = (1 - momentum) * running + momentum * batch stat (variance made unbiased)."""
     tk = triton_module(_TRITON_SRC, mean.device)
     c = mean.numel()
     cm = _channel_meta(c)
@@ -141,98 +159,8 @@ def _triton_running_update(running_mean, running_var, mean, var, momentum: float
         BLOCK_C=cm["BLOCK_C"])
 
 
-# ---------------------------------------------------------------------------------------
-# Reference implementations behind the same ops (use_triton=False): the math the kernels
-# implement, in the accumulation dtype; also what gradcheck checks the backward formula on.
-
-
-def _torch_backward(dy, x, weight, bias, mean, var, eps: float, training: bool):
-    acc = _acc_dtype(x)
-    shape = (1, -1, 1, 1)
-    rstd = (var.to(acc) + eps).rsqrt()
-    x_hat = (x.to(acc) - mean.to(acc).view(shape)) * rstd.view(shape)
-    w = weight.to(acc) if weight is not None else torch.ones_like(rstd)
-    b = bias.to(acc) if bias is not None else torch.zeros_like(rstd)
-    z = x_hat * w.view(shape) + b.view(shape)
-    s = torch.sigmoid(z)
-    dz = dy.to(acc) * s * (1 + z * (1 - s))
-    db, dw = dz.sum((0, 2, 3)), (dz * x_hat).sum((0, 2, 3))
-    if training:
-        count = x.numel() // x.shape[1]
-        dz = dz - (db / count).view(shape) - x_hat * (dw / count).view(shape)
-    dx = dz * (w * rstd).view(shape)
-    return relayout(dx.to(x.dtype), x), dw, db
-
-
-# ---------------------------------------------------------------------------------------
-# Ops
-
-
-@torch.library.custom_op("kernels::bn_silu_train", mutates_args=())
-def bn_silu_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """silu(batch_norm(x)) with batch statistics; returns (y, mean, biased var)."""
-    x = _prep(x)
-    if use_triton:
-        return _triton_train(x, weight, bias, eps)
-    var, mean = torch.var_mean(x.to(_acc_dtype(x)), dim=(0, 2, 3), correction=0)
-    y = reference.bn_silu(x, weight, bias, None, None, True, 0.0, eps)
-    return relayout(y, x), mean, var
-
-
-@bn_silu_train.register_fake
-def _(x, weight, bias, eps, use_triton):
-    x = _prep(x)
-    stat = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
-    return torch.empty_like(x), stat, torch.empty_like(stat)
-
-
-@torch.library.custom_op("kernels::bn_silu_eval", mutates_args=())
-def bn_silu_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-                 running_var: Tensor, eps: float, use_triton: bool) -> Tensor:
-    """silu(batch_norm(x)) with the running statistics (no update)."""
-    x = _prep(x)
-    if use_triton:
-        return _triton_eval(x, weight, bias, running_mean, running_var, eps)
-    return relayout(reference.bn_silu(x, weight, bias, running_mean, running_var, False, 0.0, eps), x)
-
-
-@bn_silu_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, use_triton):
-    return torch.empty_like(_prep(x))
-
-
-@torch.library.custom_op("kernels::bn_silu_backward", mutates_args=())
-def bn_silu_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                     mean: Tensor, var: Tensor, eps: float, training: bool,
-                     use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight/dbias in the accumulation dtype."""
-    x = _prep(x)
-    if use_triton:
-        return _triton_backward(dy, x, weight, bias, mean, var, eps, training)
-    return _torch_backward(dy, x, weight, bias, mean, var, eps, training)
-
-
-@bn_silu_backward.register_fake
-def _(dy, x, weight, bias, mean, var, eps, training, use_triton):
-    x = _prep(x)
-    stat = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
-    return torch.empty_like(x), stat, torch.empty_like(stat)
-
-
-@torch.library.custom_op("kernels::bn_running_update", mutates_args=("running_mean", "running_var"))
-def bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                      momentum: float, count: int, use_triton: bool) -> None:
-    """running = (1 - momentum) * running + momentum * batch stat (variance made unbiased)."""
-    if use_triton:
-        return _triton_running_update(running_mean, running_var, mean, var, momentum, count)
-    unbias = count / max(count - 1, 1)
-    running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-    running_var.copy_(momentum * (var * unbias) + (1 - momentum) * running_var)
-
-
 @bn_running_update.register_fake
-def _(running_mean, running_var, mean, var, momentum, count, use_triton):
+def _(running_mean, running_var, mean, var, momentum, count):
     return None
 
 
@@ -242,31 +170,30 @@ def _grads(weight, bias, dx, dw, db):
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, eps, use_tr = inputs
+    x, weight, bias, eps = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.eps, ctx.use_triton = eps, use_tr
+    ctx.eps = eps
 
 
 def _train_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
-    grads = torch.ops.kernels.bn_silu_backward(dy, x, weight, bias, mean, var, ctx.eps, True,
-                                               ctx.use_triton)
-    return (*_grads(weight, bias, *grads), None, None)
+    grads = torch.ops.kernels.bn_silu_backward(dy, x, weight, bias, mean, var, ctx.eps, True)
+    return (*_grads(weight, bias, *grads), None)
 
 
 def _eval_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, eps, use_tr = inputs
+    x, weight, bias, running_mean, running_var, eps = inputs
     ctx.save_for_backward(x, weight, bias, running_mean, running_var)
-    ctx.eps, ctx.use_triton = eps, use_tr
+    ctx.eps = eps
 
 
 def _eval_backward(ctx, dy):
     x, weight, bias, running_mean, running_var = ctx.saved_tensors
     grads = torch.ops.kernels.bn_silu_backward(dy, x, weight, bias, running_mean, running_var,
-                                               ctx.eps, False, ctx.use_triton)
-    return (*_grads(weight, bias, *grads), None, None, None, None)
+                                               ctx.eps, False)
+    return (*_grads(weight, bias, *grads), None, None, None)
 
 
 bn_silu_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -284,7 +211,7 @@ def bn_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     eps))``; running statistics are updated in place when training and given.
     ``backend``: "auto" (Triton on CUDA, reference elsewhere), "triton", "torch", or None
     for the current default (``kernels.use_backend`` / ``kernels.set_backend``)."""
-    if not use_triton(backend, x):
+    if not want_triton(backend, x):
         return reference.bn_silu(x, weight, bias, running_mean, running_var, training, momentum, eps)
     if x.dim() not in (2, 3, 4):
         raise ValueError(f"expected 2D, 3D or 4D input (got {x.dim()}D input)")
@@ -293,13 +220,13 @@ def bn_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         count = x.numel() // x.shape[1]
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        y, mean, var = torch.ops.kernels.bn_silu_train(x4, weight, bias, eps, True)
+        y, mean, var = torch.ops.kernels.bn_silu_train(x4, weight, bias, eps)
         if running_mean is not None and running_var is not None:
-            torch.ops.kernels.bn_running_update(running_mean, running_var, mean, var, momentum, count, True)
+            torch.ops.kernels.bn_running_update(running_mean, running_var, mean, var, momentum, count)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be defined in evaluation mode")
-        y = torch.ops.kernels.bn_silu_eval(x4, weight, bias, running_mean, running_var, eps, True)
+        y = torch.ops.kernels.bn_silu_eval(x4, weight, bias, running_mean, running_var, eps)
     return y if x.dim() == 4 else y.reshape(x.shape)
 
 

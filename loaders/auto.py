@@ -48,11 +48,16 @@ def probe(name: str, split, spec, opts) -> float:
 
 
 def choose(split, spec, opts) -> tuple[str, dict]:
+    """(loader name, why). On CUDA the resident loader when the decoded split fits the
+    device with room for training; otherwise (and always on a CPU device, where the
+    resident loader's batched augmentation is slower than DALI's pipeline) the fastest by
+    the cached probe, resident among the candidates when it fits."""
     need = needed_bytes(split, spec, opts)
     free = device_free_bytes(opts.device)
-    if "resident" in base.available_loaders() and need <= RESIDENT_SHARE * free:
-        return "resident", dict(reason=f"decoded split needs {need / 2**20:.0f} MiB, "
-                                       f"{free / 2**20:.0f} MiB free on {opts.device}")
+    fits = "resident" in base.available_loaders() and need <= RESIDENT_SHARE * free
+    size = f"decoded split needs {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free on {opts.device}"
+    if fits and opts.device.type == "cuda":
+        return "resident", dict(reason=size)
     cache = split.cache_dir / "loader-probe.json"
     key = _probe_key(split, spec, opts)
     try:
@@ -63,7 +68,7 @@ def choose(split, spec, opts) -> tuple[str, dict]:
     if figures is None:
         figures = {}
         for name in base.available_loaders():
-            if name == "resident":
+            if name == "resident" and not fits:
                 continue
             try:
                 figures[name] = probe(name, split, spec, opts)
@@ -75,18 +80,37 @@ def choose(split, spec, opts) -> tuple[str, dict]:
     if not measured:
         raise ConfigError(f"--loader auto: no loader could run here ({figures}); pick one with --loader")
     best = max(measured, key=measured.get)
-    return best, dict(reason=f"decoded split needs {need / 2**20:.0f} MiB, more than {RESIDENT_SHARE:.0%} of "
-                             f"{free / 2**20:.0f} MiB free", images_per_s=figures)
+    why = "fastest by the probe" if fits else f"{size}: more than {RESIDENT_SHARE:.0%} of that"
+    return best, dict(reason=why, images_per_s=figures)
 
 
-class AutoLoader:
-    """Chooses once (on the training split) and delegates to the chosen loader."""
+def decide(split, spec, opts) -> tuple[str, dict]:
+    """`choose` on one process; under torch.distributed rank 0 chooses (and probes) alone
+    and broadcasts its choice (or its error), so every rank builds the same loader."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return choose(split, spec, opts)
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = choose(split, spec, opts)
+        except Exception as e:   # noqa: BLE001 - every rank must hear of it, or they wait forever
+            error, box[0] = e, e if isinstance(e, ConfigError) else RuntimeError(f"rank 0: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise error or box[0]
+    return box[0]
+
+
+class AutoLoader(base.Loader):
+    """Chooses once (on the training split) and delegates the whole contract to the chosen
+    loader."""
     _choices: dict = {}   # (split cache, device) -> name: the val loader follows the train choice
 
     def __init__(self, split, spec, opts: base.LoaderOptions):
         key = (str(split.cache_dir), str(opts.device))
         if opts.train or key not in self._choices:
-            name, why = choose(split, spec, opts)
+            name, why = decide(split, spec, opts)
             AutoLoader._choices[key] = name
             self.choice = dict(loader=name, **why)
             if opts.rank == 0:
@@ -98,11 +122,18 @@ class AutoLoader:
             self.choice = dict(loader=self._choices[key], reason="same as the training split")
         self.loader = base.build_loader(self.choice["loader"], split, spec, opts)
 
+    @property
+    def opts(self) -> base.LoaderOptions:
+        return self.loader.opts
+
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+    def sample_indices(self, epoch: int):
+        return self.loader.sample_indices(epoch)
 
     def __iter__(self):
         return iter(self.loader)

@@ -6,7 +6,8 @@
   .beton files, checkpoints, metrics) goes through a temp file in the same folder, fsync,
   then rename, so a kill or a full disk leaves the previous version intact. `DISK_FULL` are
   the errnos that mean "no space".
-- `file_lock`: an exclusive flock on a lock file, used for every check-and-build of a cache.
+- `file_lock`: an exclusive lock on a lock file for every check-and-build of a cache; a dead
+  holder never blocks, a long wait says on whom it waits.
 - `device_free_bytes`: what can still be allocated on a device (CUDA free memory, CPU
   MemAvailable).
 - `read_rgb`: one image file -> uint8 CHW RGB tensor (PIL, as torchvision's ImageFolder).
@@ -20,7 +21,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,16 +63,42 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(lock_file: str | os.PathLike):
-    """Exclusive flock on `lock_file` (created if missing) for a check-and-build."""
+def file_lock(lock_file: str | os.PathLike, what: str = "", notice_after: float = 3.0):
+    """Exclusive lock on `lock_file` (created if missing) for a check-and-build.
+
+    A POSIX record lock (lockf), not flock: it belongs to the process, so children forked
+    while it is held (pool workers, FFCV writers) do not inherit it, and the kernel drops it
+    when the holder dies, also by SIGKILL: a dead holder never blocks the next run. The holder
+    writes its pid into the file; a wait longer than `notice_after` seconds says what it waits
+    for and on whom (one line, repeated every minute)."""
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        t0, said = time.monotonic(), 0.0
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+            waited = time.monotonic() - t0
+            if waited >= notice_after and (not said or waited - said >= 60):
+                said = waited
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                print(f"waiting {waited:.0f} s for the lock on {lock_file}" + (f" ({what})" if what else "")
+                      + f", held by {holder}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.ftruncate(fd, 0)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def device_free_bytes(device: torch.device) -> int:

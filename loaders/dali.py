@@ -2,22 +2,22 @@
 
 One pipeline definition (`dali_pipeline`) for both devices: on CUDA, JPEG decode on the GPU
 ("mixed") and every image op on "gpu"; without a GPU the same graph on the CPU
-(`device_id=None`). Per sample: read the epoch's file list (`fn.readers.file`, sharded by
-DALI), decode, per-sample parameters and warp matrix from `loaders.params` (uniforms from
-`DrawFeed`, keyed by (seed, rank, epoch, batch); one `fn.python_function` call per batch),
-colour at the source size (`fn.hsv`: DALI's YIQ hue rotation, saturation with grayscale
-folded in; `fn.brightness_contrast` pivoting on the image's grey mean), normalise, then ONE
+(`device_id=None`). Per sample: read this rank's file list (`fn.readers.file`), decode,
+per-sample parameters and warp matrix from `loaders.params` (uniforms from `DrawFeed`,
+keyed by (seed, rank, epoch, batch); one `fn.python_function` call per batch), colour at
+the source size (`fn.hsv`: DALI's YIQ hue rotation, saturation with grayscale folded in;
+`fn.brightness_contrast` pivoting on the image's grey mean), normalise, then ONE
 `fn.experimental.warp_perspective` for the resize and the whole geometry. Epochs: the loader
-lays out one file list for a block of consecutive epochs (each the permutation every loader
-uses), so `set_epoch(n)` replays epoch n exactly. A file DALI cannot decode is found, named
-in a warning and skipped for the rest of the run. The pipeline step by step, the
-differences from the reference (op order, hue, one warp) and measurements: docs/loaders.md.
+lays out one file list of this rank's `base.epoch_indices` for a block of consecutive
+epochs, so `set_epoch(n)` replays epoch n exactly. A file DALI cannot decode is found,
+named in a warning and replaced by the next readable sample for the rest of the run
+(`DaliLoader`). The pipeline step by step, the differences from the reference (op order,
+hue, one warp) and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
 import ctypes
 import warnings
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices
+from loaders.base import EpochLoader, LoaderOptions, batch_seed, batches_per_epoch
 from loaders.params import NCOLS, params_from_uniforms, warp_matrix
 from loaders.spec import LUMA, AugmentSpec
 
@@ -46,11 +46,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):      # not glibc: nothing to do
         pass
-
-
-def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """The [start, end) block DALI's readers give shard `shard_id` of `num_shards`."""
-    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
 
 
 # ------------------------------------------------------- random parameters and matrices
@@ -194,15 +189,15 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
 # -------------------------------------------------------------------------- the loader
 
 class DrawFeed:
-    """`fn.external_source` callback: each batch's uniform draws, (batch, width) float32, a
-    pure function of (seed, rank, epoch, batch in epoch, attempt), so any epoch (or the
-    rest of one, from a batch on) replays exactly on its own (set_epoch(n) after a
-    restart). Called once per pipeline iteration, in order; `schedule` lists (epoch,
-    batches, first batch) as the pipeline's stream lays them out."""
+    """`fn.external_source` callback: each batch's uniform draws, (batch, width) float32,
+    from a numpy generator seeded by `base.batch_seed(seed, rank, epoch, batch in epoch)`,
+    so any epoch (or the rest of one, from a batch on) replays exactly on its own
+    (set_epoch(n) after a restart). Called once per pipeline iteration, in order;
+    `schedule` lists (epoch, batches, first batch) as the pipeline's stream lays them out."""
 
     def __init__(self, seed: int, rank: int, batch_size: int, width: int,
-                 schedule=((0, 1 << 30, 0),), attempt: int = 0):
-        self.key, self.shape = (seed, rank, attempt), (batch_size, max(1, width))
+                 schedule=((0, 1 << 30, 0),)):
+        self.seed, self.rank, self.shape = seed, rank, (batch_size, max(1, width))
         self.schedule, self.i = list(schedule), 0
 
     def __call__(self):
@@ -214,27 +209,51 @@ class DrawFeed:
             i -= n
         else:                        # read-ahead past the planned stream: never delivered
             epoch = 1 << 31
-        seed, rank, attempt = self.key
-        return np.random.default_rng([seed, rank, epoch, i, attempt]).random(self.shape, np.float32)
+        rng = np.random.default_rng(batch_seed(self.seed, self.rank, epoch, i))
+        return rng.random(self.shape, np.float32)
 
 
 class _Stream:
     """One pipeline over a block of consecutive epochs, and where its reader is."""
 
-    def __init__(self, iterator, epochs: list[tuple[int, np.ndarray, int]]):
+    def __init__(self, iterator, epochs: list[tuple[int, int, int, int]]):
         self.iterator = iterator
-        self.epochs = epochs        # [(epoch key, this rank's samples in order, batches)]
+        self.epochs = epochs        # [(epoch key, samples, batches, first batch)] of this rank
         self.pos = 0                # index into epochs of the next epoch to deliver
         self.busy = False           # an epoch is being delivered from it
 
 
-class DaliLoader:
-    """The Loader protocol over `dali_pipeline` (see the module docstring)."""
+class DaliLoader(EpochLoader):
+    """The `base.Loader` contract over `dali_pipeline`.
+
+    Order and sharding: this rank's `base.epoch_indices`, the rule every loader follows.
+    The pipeline's reader reads a file list of this rank's samples only (no DALI
+    sharding), laid out for a block of consecutive epochs (up to 16, at most
+    `BLOCK_SAMPLES` entries) in whole batches: the ragged tail dropped, or padded with its
+    last sample and trimmed on delivery. Consecutive epochs continue one pipeline (its
+    read-ahead is the next epoch's first batches); `set_epoch(n, start_batch=k)`, an epoch
+    out of sequence, or an epoch left early starts a new block at n, batch k (the batches
+    before k are never read). Draws are keyed by (seed, rank, epoch, batch) (`DrawFeed`),
+    so an epoch comes out identical either way.
+
+    Unreadable files: a file that fails in DALI (changed since the ingest, or rejected by
+    DALI's decoder) fails a batch; the loader finds it (DALI's reader errors name the
+    file; its decoder errors do not, so it checks this epoch's remaining files with PIL,
+    then with DALI's decoder one by one), warns naming it, and from then on reads the next
+    readable sample of the split in its place (as the torchvision loader does), resuming
+    the epoch at the batch that failed. Every rank therefore yields exactly len() batches
+    (DDP stays in step), and `sample_indices` shows the replacements.
+
+    Output: DALI's NHWC buffer handed over by dlpack (no copy), permuted to NCHW (which
+    is channels_last). DALI's iterator with the dynamic executor passes buffers DALI no
+    longer reuses (the dlpack capsule owns them); without it, it copies into fresh
+    tensors: a batch stays valid however long the consumer holds it (tested)."""
 
     BLOCK_SAMPLES = 400_000         # file-list entries per pipeline: ~0.7 s to build
 
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
-        self.split, self.spec, self.opts = split, spec, opts
+        self.split, self.spec = split, spec
+        self._init_epochs(len(split), opts)
         self.device = torch.device(opts.device)
         self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
         if self.dali_device == "gpu":
@@ -252,54 +271,43 @@ class DaliLoader:
         # The reader yields sample indices; this maps them to labels on the device.
         self.label_table = torch.as_tensor(split.labels, dtype=torch.int64, device=self.device)
         self.block_epochs = max(1, min(16, self.BLOCK_SAMPLES // max(1, len(split))))
-        self.bad: set[str] = set()
-        self.epoch, self.start_batch = 0, 0
+        self.bad: set[int] = set()              # samples found unreadable in this run
+        self._replace: np.ndarray | None = None  # sample -> the sample read in its place
         self._stream: _Stream | None = None
 
     # ---- epoch bookkeeping
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """All ranks' samples of `epoch` in reading order: the same permutation as every
-        loader's, truncated to a multiple of the world size when training. Rank r reads
-        its r-th contiguous block (`shard_bounds`)."""
-        order = epoch_indices(len(self.split), replace(self.opts, rank=0, world_size=1), epoch)
-        if self.opts.train:
-            order = order[: len(order) - len(order) % self.opts.world_size]
-        return order
-
-    def _share(self, order: np.ndarray, rank: int) -> np.ndarray:
-        """Rank `rank`'s block of `order`, without the files found bad. (Ranks drop bad
-        files from their own blocks only, so blocks stay a partition while each rank finds
-        a bad file on its own.)"""
-        a, b = shard_bounds(len(order), rank, self.opts.world_size)
-        share = order[a:b]
-        if self.bad:
-            share = np.array([i for i in share if self.split.paths[i] not in self.bad], np.int64)
-        return share
-
-    def rank_indices(self, epoch: int) -> np.ndarray:
-        return self._share(self.epoch_order(epoch), self.opts.rank)
+    def sample_indices(self, epoch: int) -> np.ndarray:
+        idx = super().sample_indices(epoch)
+        return idx if self._replace is None else self._replace[idx]
 
     def _key(self, epoch: int) -> int:
         return epoch if self.opts.train else 0      # evaluation: every epoch is the same
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select epoch `epoch`; the next iteration starts at its batch `start_batch` (a
-        resume: the same batches the uninterrupted epoch gives from there, none decoded
-        for the batches skipped)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return batches_per_epoch(len(self.rank_indices(self.epoch)), self.opts)
+    def _mark_bad(self, found: list[int]) -> None:
+        """Read the next readable sample of the split (cyclically) in place of each bad one."""
+        self.bad |= set(found)
+        n = self.n_samples
+        if len(self.bad) >= n:
+            raise RuntimeError(f"DALI loader: no readable image left in the {self.split.name} split")
+        replace = np.arange(n)
+        for i in sorted(self.bad):
+            j = i
+            while j in self.bad:
+                j = (j + 1) % n
+            replace[i] = j
+        self._replace = replace
+        names = ", ".join(self.split.paths[i] for i in sorted(found))
+        warnings.warn(f"DALI loader: cannot read {names}; using the next readable sample of the "
+                      "split instead for the rest of the run", RuntimeWarning, stacklevel=3)
 
     # ---- pipelines
-    def build_pipeline(self, indices, shard_id=0, num_shards=1, feed=None, seed=0, debug=False):
-        """A built pipeline reading `indices` (samples, in order) with DALI's sharding.
-        Draws come from `feed` (default: keyed by `seed`, epoch 0)."""
+    def build_pipeline(self, indices, feed=None, seed=0, debug=False):
+        """A built pipeline reading `indices` (samples, in order). Draws come from `feed`
+        (default: keyed by `seed`, epoch 0)."""
         feed = feed or DrawFeed(seed, self.opts.rank, self.opts.batch_size, self.width)
         pipe = dali_pipeline(
             [self.split.paths[i] for i in indices], [int(i) for i in indices], self.spec,
-            self.opts.train, self.dali_device, feed=feed, shard_id=shard_id,
-            num_shards=num_shards, out_dtype=_dali_dtype(self.opts.dtype),
+            self.opts.train, self.dali_device, feed=feed, out_dtype=_dali_dtype(self.opts.dtype),
             source_first=self.source_first, source_hw=self.source_hw, debug=debug,
             batch_size=self.opts.batch_size, num_threads=max(1, self.opts.workers),
             device_id=self.device_id, seed=self.opts.seed)
@@ -307,7 +315,7 @@ class DaliLoader:
         return pipe
 
     def _segment(self, share: np.ndarray) -> tuple[np.ndarray, int]:
-        """One rank's epoch as whole batches: the ragged tail dropped, or padded with its
+        """One epoch's samples as whole batches: the ragged tail dropped, or padded with its
         last sample (delivered trimmed). Returns (stream entries, batches)."""
         bs = self.opts.batch_size
         nb = batches_per_epoch(len(share), self.opts)
@@ -317,39 +325,23 @@ class DaliLoader:
             return share[: nb * bs], nb
         return np.concatenate([share, np.repeat(share[-1:], nb * bs - len(share))]), nb
 
-    def _open(self, first: int, head: np.ndarray | None = None, attempt: int = 0,
-              skip: int = 0) -> _Stream:
-        """A pipeline streaming epochs first.. (a block of them) in whole batches per rank.
-
-        Normally every rank's stream is laid out back to back, equally long, and DALI's
-        sharding (shard_id=rank, num_shards=world) hands each rank its own; after a bad
-        file (`head`: this rank's remaining samples of `first`) the stream is this rank's
-        alone, for the rest of that epoch. `skip`: start `first` at that batch."""
-        opts = self.opts
-        world = 1 if head is not None else opts.world_size
-        streams = [[] for _ in range(world)]
-        epochs = []
-        for e in ([first] if head is not None else range(first, first + self.block_epochs)):
-            order = self.epoch_order(e)
-            first_batch = skip if e == first else 0
-            for r in range(world):
-                share = np.asarray(head, np.int64) if head is not None else self._share(order, r)
-                share = share[first_batch * opts.batch_size:]
-                seg, nb = self._segment(share)
-                streams[r].append(seg)
-                if head is not None or r == opts.rank:
-                    epochs.append((self._key(e), share, nb, first_batch))
-        streams = [np.concatenate(st) for st in streams]
-        length = max(len(st) for st in streams)
-        if length == 0:
+    def _open(self, first: int, skip: int = 0) -> _Stream:
+        """A pipeline streaming this rank's epochs first.. (a block of them) in whole
+        batches, `first` from its batch `skip` on."""
+        bs = self.opts.batch_size
+        segments, epochs = [], []
+        for e in range(first, first + self.block_epochs):
+            b0 = skip if e == first else 0
+            share = self.sample_indices(e)[b0 * bs:]
+            seg, nb = self._segment(share)
+            segments.append(seg)
+            epochs.append((self._key(e), len(share), nb, b0))
+        flat = np.concatenate(segments)
+        if len(flat) == 0:
             return _Stream(None, epochs)
-        # Equal shards: pad each rank's stream with its last sample (never delivered).
-        flat = np.concatenate([np.concatenate([st, np.repeat(st[-1:] if len(st) else
-                                                             np.zeros(1, np.int64), length - len(st))])
-                               for st in streams])
-        feed = DrawFeed(opts.seed, opts.rank, opts.batch_size, self.width,
-                        [(e, nb, b0) for e, _, nb, b0 in epochs], attempt)
-        pipe = self.build_pipeline(flat, 0 if head is not None else opts.rank, world, feed=feed)
+        feed = DrawFeed(self.opts.seed, self.opts.rank, bs, self.width,
+                        [(key, nb, b0) for key, _, nb, b0 in epochs])
+        pipe = self.build_pipeline(flat, feed=feed)
         it = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         return _Stream(it, epochs)
@@ -359,48 +351,40 @@ class DaliLoader:
         _trim_heap()
 
     def __iter__(self):
-        epoch, skip, self.start_batch = self.epoch, self.start_batch, 0
+        epoch, b = self._begin()     # b: the epoch's next batch to deliver
+        bs = self.opts.batch_size
         s = self._stream
-        if (s is None or s.busy or skip or s.pos >= len(s.epochs)
-                or s.epochs[s.pos][0] != self._key(epoch)):
+        if s is not None and (s.busy or b or s.pos >= len(s.epochs)
+                              or s.epochs[s.pos][0] != self._key(epoch)):
             self._close()
-            s = self._stream = self._open(epoch, skip=skip)
-        queue, attempt, done = s.epochs[s.pos][1], 0, 0
-        finished, s.busy = False, True
+        s, finished, attempts = None, False, 0
         try:
             while True:
                 try:
-                    e, share, nb, _ = s.epochs[s.pos]
-                    for b in range(nb):
+                    if self._stream is None:
+                        self._stream = self._open(epoch, skip=b)
+                    s = self._stream
+                    s.busy = True
+                    _, count, nb, b0 = s.epochs[s.pos]
+                    while b < b0 + nb:
                         out = next(s.iterator)[0]
-                        y = out["labels"].view(-1)[: len(share) - b * self.opts.batch_size]
+                        y = out["labels"].view(-1)[: count - (b - b0) * bs]
                         x = out["images"][: len(y)]
-                        done += len(y)
+                        b += 1
                         yield self._to_model(x), self.label_table[y.to(torch.int64)]
                     s.pos, s.busy, finished = s.pos + 1, False, True
                     return
                 except RuntimeError as err:
                     if "pipeline" not in str(err).lower() and "dali" not in str(err).lower():
                         raise
-                    s = self._stream = None          # a failed pipeline cannot go on
-                    _trim_heap()
-                    remaining = [i for i in queue[done:] if self.split.paths[i] not in self.bad]
-                    found = self._find_bad(str(err), remaining)
-                    if not found or attempt >= 20:
+                    self._close()            # a failed pipeline cannot go on
+                    s, attempts = None, attempts + 1
+                    found = self._find_bad(str(err), self.sample_indices(epoch)[b * bs:])
+                    if not found or attempts > 20:
                         raise
-                    self.bad |= set(found)
-                    warnings.warn(f"DALI loader: skipping {len(found)} unreadable image(s) for "
-                                  f"the rest of the run: {', '.join(sorted(found))}",
-                                  RuntimeWarning, stacklevel=2)
-                    queue = np.array([i for i in remaining if self.split.paths[i] not in self.bad],
-                                     np.int64)
-                    attempt, done = attempt + 1, 0
-                    if self._segment(queue)[1] == 0:
-                        return
-                    s = self._stream = self._open(epoch, head=queue, attempt=attempt)
-                    s.busy = True
+                    self._mark_bad(found)    # then resume at batch b, the one that failed
         finally:
-            if not finished and self._stream is s:   # left mid-epoch: the stream is spent
+            if not finished and s is not None and self._stream is s:   # left mid-epoch
                 self._close()
 
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,24 +393,22 @@ class DaliLoader:
         x = x.permute(0, 3, 1, 2)
         return x if x.dtype == self.opts.dtype else x.to(self.opts.dtype)
 
-    def _find_bad(self, message: str, candidates) -> list[str]:
-        """Files among `candidates` that failed. DALI's reader errors name the file; its
-        decoder errors do not, so then: those PIL cannot fully decode (the ingest's test),
-        else those DALI's own decoder rejects, one file at a time (slow; only ever after
-        an error)."""
-        paths = [self.split.paths[i] for i in candidates]
-        named = [p for p in paths if p in message]
-        if named:
-            return named
-        from PIL import Image
-        bad = []
-        for p in paths:
-            try:
-                with Image.open(p) as im:
-                    im.load()
-            except Exception:   # noqa: BLE001 - any failure to decode means unusable
-                bad.append(p)
-        return bad or dali_rejects(paths)
+    def _find_bad(self, message: str, candidates) -> list[int]:
+        """The samples among `candidates` whose files failed. DALI's reader errors name the
+        file; its decoder errors do not, so then: those PIL cannot fully decode (the
+        ingest's test), else those DALI's own decoder rejects, one file at a time (slow;
+        only ever after an error)."""
+        by_path = {self.split.paths[i]: int(i) for i in candidates}
+        named = [p for p in by_path if p in message]
+        if not named:
+            from PIL import Image
+            for p in by_path:
+                try:
+                    with Image.open(p) as im:
+                        im.load()
+                except Exception:   # noqa: BLE001 - any failure to decode means unusable
+                    named.append(p)
+        return [by_path[p] for p in named or dali_rejects(list(by_path))]
 
 
 @pipeline_def(batch_size=1, num_threads=1, exec_async=False, exec_pipelined=False,

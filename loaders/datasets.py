@@ -15,7 +15,6 @@ is dropped from both splits. The full list and the concurrency rules: docs/loade
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -27,7 +26,6 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -613,7 +611,3 @@ def render_synthetic(label: int, rng: np.random.Generator, size: int = 32) -> Im
     img = img.resize((size, size), Image.LANCZOS)
     noise = rng.normal(0, 6, (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(img, np.float64) + noise, 0, 255).astype(np.uint8))
-
-
-def class_counts(split: Split) -> Counter:
-    return Counter(split.labels)

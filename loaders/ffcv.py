@@ -8,11 +8,12 @@ written atomically under a lock; unreadable images are reported by name and left
 ConfigError with `strict=True`). Loading: FFCV decodes, batches and moves uint8 to the
 device, then one `augment` call per batch does the whole spec (FFCV has no rotation,
 perspective, hue or grayscale op, and a host flip/crop would be an extra pass). Orders:
-"epoch" (default) is `base.epoch_indices`, the permutation every loader uses; "random" and
-"quasi_random" are FFCV's own; "auto" picks quasi_random when the .beton exceeds half the
-RAM. numba compiles the pipeline at construction (`warm_up=True`), not in an epoch. FFCV
-1.0.2 defects worked around here (torch thread count, writer hang, readonly reader type,
-custom order, `Squeeze(1)`, cloned labels, iterator shutdown): docs/loaders.md.
+"epoch" (default) is `base.epoch_indices`, the permutation every loader uses;
+"quasi_random" is FFCV's page-local order (datasets larger than RAM), made a pure function
+of the epoch; "auto" picks it when the .beton exceeds half the RAM. numba compiles the
+pipeline at construction (`warm_up=True`). FFCV 1.0.2 defects worked around here (torch
+thread count, writer hang, readonly reader type, custom order, `Squeeze(1)`, cloned
+labels, iterator shutdown, quasi-random state): docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -53,16 +54,17 @@ with _torch_threads_kept():
     import numba as nb
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import Loader
     from ffcv.memory_managers import OSCacheManager
     from ffcv.pipeline.compiler import Compiler
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.traversal_order import QuasiRandom
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv import writer as ffcv_writer
     from ffcv.writer import DatasetWriter
 
 from loaders.augment import augment
-from loaders.base import LoaderOptions, epoch_indices
+from loaders.base import EpochLoader, LoaderOptions, batch_seed, derive_seed, epoch_indices
 from loaders.common import ConfigError, atomic_path, atomic_write, device_free_bytes, file_lock, read_rgb, storage_size
 from loaders.spec import AugmentSpec
 
@@ -89,7 +91,7 @@ OSCacheManager.compile_reader = _os_cache_reader
 FFCV_VERSION = importlib.metadata.version("ffcv")   # not ffcv.__version__ (docs/loaders.md)
 _FORMAT = 1                      # bump when what goes into a .beton changes
 _MIN_PAGE = 1 << 21              # FFCV's smallest page (2 MiB)
-ORDERS = ("auto", "epoch", "random", "quasi_random")
+ORDERS = ("auto", "epoch", "quasi_random")
 
 
 @dataclass(frozen=True)
@@ -361,18 +363,43 @@ def write_beton(split, spec: AugmentSpec | int = 128, options: BetonOptions = Be
 # ----------------------------------------------------------------------------- loading
 
 class _EpochOrder(TraversalOrder):
-    """`base.epoch_indices` as an FFCV traversal order over the readable samples (FFCV takes
-    a custom order only as an instance it calls with the loader: docs/loaders.md)."""
+    """`base.epoch_indices` over the readable samples as an FFCV traversal order, cut to
+    the pass's whole batches: from batch `skip` (a resume: the batches before it are never
+    read) to the epoch's last. (FFCV takes a custom order only as an instance it calls
+    with the loader: docs/loaders.md.)"""
 
-    def __init__(self, readable: np.ndarray, opts: LoaderOptions):   # noqa: super() in __call__
-        self.readable, self.opts = readable, opts
+    def __init__(self, readable: np.ndarray, opts: LoaderOptions, batches: int):  # super(): __call__
+        self.readable, self.opts, self.batches, self.skip = readable, opts, batches, 0
 
     def __call__(self, loader):               # FFCV calls the instance with the loader
         super().__init__(loader)
         return self
 
-    def sample_order(self, epoch: int):
+    def rank_order(self, epoch: int) -> np.ndarray:
         return self.readable[epoch_indices(len(self.readable), self.opts, epoch)]
+
+    def sample_order(self, epoch: int):
+        b = self.opts.batch_size
+        return self.rank_order(epoch)[self.skip * b: self.batches * b]
+
+
+class _QuasiRandomOrder(QuasiRandom):
+    """FFCV's quasi-random (page-local) order as a pure function of the epoch. FFCV's
+    `QuasiRandom.sample_order` shuffles its page table in place, so each epoch's order
+    depended on every order drawn before it (a resume, or a `sample_indices` call, changed
+    the epochs after it); here every epoch starts from the table as built."""
+
+    def __init__(self):                       # noqa: super() in __call__
+        pass
+
+    def __call__(self, loader):               # FFCV calls the instance with the loader
+        super().__init__(loader)
+        self.pristine = self.page_to_samples_array.copy()
+        return self
+
+    def sample_order(self, epoch: int):
+        np.copyto(self.page_to_samples_array, self.pristine)
+        return super().sample_order(epoch)
 
 
 def _dist() -> tuple[int, int] | None:
@@ -396,39 +423,43 @@ def _stop(it) -> None:
     it.close()
 
 
-class FfcvLoader:
+class FfcvLoader(EpochLoader):
+    """The `base.Loader` contract over an FFCV `Loader`; batch b of an epoch is augmented
+    with a generator seeded by `base.batch_seed`. Sample indices are the readable
+    images' (`Beton.readable`): order "epoch" deals them by `base.epoch_indices`, and a
+    resume reads from its start batch on; "quasi_random" (FFCV's page-local order, for
+    datasets larger than RAM) deals each rank the fixed shard `readable[:n - n % world]
+    [rank::world]` and resumes by decoding and dropping the batches before the start."""
+
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions, *,
                  beton: BetonOptions = BetonOptions(), order: str = "auto", strict: bool = False,
                  batches_ahead: int = 3, warm_up: bool = True, emulate_clipping: bool = False):
         if order not in ORDERS:
             raise ConfigError(f"ffcv order {order!r}: use one of {', '.join(ORDERS)}")
-        self.spec, self.opts, self.emulate_clipping = spec, opts, emulate_clipping
+        self.spec, self.emulate_clipping = spec, emulate_clipping
         dist = _dist()
         if dist is not None and dist != (opts.rank, opts.world_size):
             raise ConfigError(f"ffcv: LoaderOptions rank/world_size {opts.rank}/{opts.world_size} "
                               f"differ from torch.distributed's {dist[0]}/{dist[1]}")
         self.hw = stored_size(split, spec, beton)
         self.beton = ensure_beton(split, self.hw, beton, workers=opts.workers, strict=strict)
-        readable = self.beton.readable
+        readable = self.readable = self.beton.readable
         if len(readable) == 0:
             raise ConfigError(f"ffcv: no readable image in the {split.name} split")
+        self._init_epochs(len(readable), opts)
         if order == "auto":
             big = self.beton.nbytes > device_free_bytes(torch.device("cpu")) // 2
             order = "quasi_random" if opts.train and big else "epoch"
         if not opts.train:
             order = "epoch"                   # natural order, sharded like every loader
-        if order == "random" and opts.world_size > 1 and dist is None:
-            raise ConfigError("ffcv order 'random' shards through torch.distributed; "
-                              "initialise it or use order='epoch'")
         self.order = order
-        indices, os_cache = readable, True
         if order == "epoch":
-            traversal = _EpochOrder(readable, opts)
-        elif order == "random":
-            traversal = OrderOption.RANDOM
+            indices, os_cache = readable, True
+            self.traversal = _EpochOrder(readable, opts, len(self))
         else:
-            traversal, os_cache = OrderOption.QUASI_RANDOM, False
-            indices = readable[opts.rank::opts.world_size]
+            w = opts.world_size
+            indices = readable[: len(readable) - len(readable) % w][opts.rank::w]
+            self.traversal, os_cache = _QuasiRandomOrder(), False
         dev = torch.device(opts.device)
         pipelines = {
             "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(dev, non_blocking=True),
@@ -441,11 +472,12 @@ class FfcvLoader:
         with _torch_threads_kept():
             self.loader = Loader(str(self.beton.path), batch_size=opts.batch_size,
                                  num_workers=threads, os_cache=os_cache,
-                                 order=traversal, distributed=dist is not None and order != "quasi_random",
-                                 seed=opts.seed, indices=indices, pipelines=pipelines,
+                                 order=self.traversal, indices=indices, pipelines=pipelines,
+                                 # FFCV's quasi-random order seeds numpy's legacy global RNG
+                                 # with seed * 912300 + epoch, which must stay below 2**32.
+                                 seed=derive_seed(opts.seed, "ffcv-order") % 4096,
                                  drop_last=opts.drop, batches_ahead=batches_ahead)
         self.generator = torch.Generator(device=dev)
-        self.epoch = 0
         if warm_up:                           # numba compiles the pipeline on its first batch
             with _torch_threads_kept():
                 it = iter(self.loader)
@@ -454,20 +486,29 @@ class FfcvLoader:
             finally:
                 _stop(it)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.loader)
+    def sample_indices(self, epoch: int) -> np.ndarray:
+        order = self.traversal.rank_order(epoch) if self.order == "epoch" \
+            else self.traversal.sample_order(epoch)
+        return np.asarray(order)[: len(self) * self.opts.batch_size]
 
     def __iter__(self):
+        epoch, first = self._begin()
         o = self.opts
-        self.generator.manual_seed(o.seed * 1_000_003 + o.rank * 10_007 + self.epoch)
-        self.loader.next_epoch = self.epoch   # FFCV passes it to the order, then increments
-        with _torch_threads_kept():
-            it = iter(self.loader)
+        skip_here = self.order == "epoch"     # the order starts at `first`; else drop batches
+        self.loader.next_epoch = epoch        # FFCV passes it to the order, then increments
+        if skip_here:
+            self.traversal.skip = first
         try:
-            for x, y in it:
+            with _torch_threads_kept():
+                it = iter(self.loader)
+        finally:
+            if skip_here:
+                self.traversal.skip = 0
+        try:
+            for b, (x, y) in enumerate(it, first if skip_here else 0):
+                if b < first:
+                    continue
+                self.generator.manual_seed(batch_seed(o.seed, o.rank, epoch, b))
                 yield (augment(x, self.spec, self.generator, o.dtype, train=o.train,
                                emulate_clipping=self.emulate_clipping), y.clone())
         finally:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from loaders.augment import augment
-from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices
+from loaders.base import EpochLoader, LoaderOptions, batch_seed
 from loaders.datasets import decoded
 from loaders.common import ConfigError, device_free_bytes, storage_size
 from loaders.spec import AugmentSpec
@@ -41,10 +41,14 @@ def _fmt(n: int) -> str:
     return f"{n:,} bytes ({n / 2**30:.2f} GiB)"
 
 
-class ResidentLoader:
+class ResidentLoader(EpochLoader):
+    """The `base.Loader` contract over one device tensor holding the whole decoded split;
+    batch b of an epoch is augmented with a generator seeded by `base.batch_seed`."""
+
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions, *, free_bytes=None,
                  emulate_clipping: bool = False):
-        self.spec, self.opts, self.emulate_clipping = spec, opts, emulate_clipping
+        self.spec, self.emulate_clipping = spec, emulate_clipping
+        self._init_epochs(len(split), opts)
         dev = torch.device(opts.device)
         need = needed_bytes(split, spec, opts)
         have = int((free_bytes or device_free_bytes)(dev))
@@ -60,27 +64,16 @@ class ResidentLoader:
         self.images = torch.from_numpy(np.array(arr)).to(dev)        # (N,H,W,3) uint8
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=dev)
         self.generator = torch.Generator(device=dev)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-        idx = epoch_indices(len(self.labels), self.opts, epoch)
-        self.order = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.images.device)
-
-    def sample_indices(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for `epoch`, in delivery order."""
-        return epoch_indices(len(self.labels), self.opts, epoch)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(len(self.order), self.opts)
 
     def __iter__(self):
-        o = self.opts
-        B = o.batch_size
-        for b in range(self.start_batch, len(self)):
-            self.generator.manual_seed(((o.seed * 1_000_003 + o.rank * 10_007 + self.epoch) * 1_000_033 + b)
-                                       % (1 << 63))
-            idx = self.order[b * B:(b + 1) * B]
+        epoch, first = self._begin()
+        o, B = self.opts, self.opts.batch_size
+        # The epoch's order, drawn on the host, copied to the device once per epoch.
+        order = torch.from_numpy(np.ascontiguousarray(self.sample_indices(epoch), dtype=np.int64))
+        order = order.to(self.images.device)
+        for b in range(first, len(self)):
+            self.generator.manual_seed(batch_seed(o.seed, o.rank, epoch, b))
+            idx = order[b * B:(b + 1) * B]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
             yield (augment(x, self.spec, self.generator, o.dtype, train=o.train,

@@ -18,10 +18,9 @@ import warnings
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from loaders.base import LoaderOptions, batches_per_epoch, epoch_indices, to_model_layout
+from loaders.base import EpochLoader, LoaderOptions, derive_seed, to_model_layout
 from loaders.common import read_rgb
 from loaders.spec import AugmentSpec
 
@@ -56,14 +55,6 @@ def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
 
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample: splitmix64 of (seed, epoch, index)."""
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
-    return (z ^ (z >> 31)) >> 1           # 63 bits: a valid torch seed
-
-
 class _Files(torch.utils.data.Dataset):
     def __init__(self, split, transform, seed: int = 0):
         self.paths, self.labels, self.transform, self.seed = split.paths, split.labels, transform, seed
@@ -74,7 +65,7 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+            torch.default_generator.manual_seed(derive_seed(self.seed, "sample", epoch, i))
             img, j = self._read(i)
             return self.transform(img), self.labels[j]
 
@@ -92,31 +83,30 @@ class _Files(torch.utils.data.Dataset):
         raise RuntimeError(f"torchvision loader: 16 consecutive unreadable files from {self.paths[i]}")
 
 
-class _EpochSampler(Sampler):
-    """This rank's (index, epoch) keys for the epoch, from batch `start` on."""
+class _Keys(Sampler):
+    """The (index, epoch) keys of the pass being delivered (set by the loader per pass)."""
 
-    def __init__(self, n: int, opts: LoaderOptions):
-        self.n, self.opts, self.epoch, self.start = n, opts, 0, 0
-
-    def indices(self):
-        return epoch_indices(self.n, self.opts, self.epoch)
+    def __init__(self):
+        self.keys: list[tuple[int, int]] = []
 
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self.indices()[self.start * self.opts.batch_size:].tolist()])
+        return iter(self.keys)
 
     def __len__(self):
-        return max(0, len(self.indices()) - self.start * self.opts.batch_size)
+        return len(self.keys)
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochLoader):
+    """The `base.Loader` contract over a torch DataLoader; each sample's augmentation is
+    seeded by `derive_seed(seed, "sample", epoch, index)` in the worker that decodes it."""
+
     def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
-        self.opts = opts
-        self.sampler = _EpochSampler(len(split), opts)
+        self._init_epochs(len(split), opts)
+        self.sampler = _Keys()
         self.dataset = _Files(split, reference_transform(spec, opts.train), opts.seed)
         # The DataLoader's own base seed (augmentations do not depend on it: _Files reseeds
         # per sample).
         self._generator = torch.Generator()
-        self.set_epoch(0)
         workers = opts.workers
         self.loader = DataLoader(
             self.dataset, batch_size=opts.batch_size, sampler=self.sampler,
@@ -124,21 +114,12 @@ class TorchvisionLoader:
             persistent_workers=workers > 0, drop_last=opts.drop,
             prefetch_factor=4 if workers > 0 else None, generator=self._generator)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Epoch `epoch`'s batches, from batch `start_batch` on (resume mid-epoch)."""
-        self.sampler.epoch, self.sampler.start = epoch, start_batch
-        self._generator.manual_seed(self.opts.seed * 1_000_003 + self.opts.rank * 10_007 + epoch)
-
-    def sample_indices(self, epoch: int):
-        """This rank's sample indices for `epoch`, in delivery order."""
-        return epoch_indices(len(self.dataset), self.opts, epoch)
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch (also after set_epoch(n, start_batch=k))."""
-        return batches_per_epoch(len(self.sampler.indices()), self.opts)
-
     def __iter__(self):
-        dev, dtype = self.opts.device, self.opts.dtype
+        epoch, first = self._begin()
+        o = self.opts
+        todo = self.sample_indices(epoch)[first * o.batch_size:]
+        self.sampler.keys = [(i, epoch) for i in todo.tolist()]
+        self._generator.manual_seed(derive_seed(o.seed, "workers", o.rank, epoch))
         for x, y in self.loader:
-            yield (to_model_layout(x.to(dev, non_blocking=True), dtype),
-                   y.to(dev, non_blocking=True))
+            yield (to_model_layout(x.to(o.device, non_blocking=True), o.dtype),
+                   y.to(o.device, non_blocking=True))

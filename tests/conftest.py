@@ -2,6 +2,7 @@
 ../shared/datasets when present (tests that need them skip with a reason otherwise)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,62 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+@pytest.fixture
+def no_copies(monkeypatch):
+    """Counts every re-layout the fused kernels could do (tests/test_kernels_*.py):
+    Tensor.contiguous and the one helper (`kernels._common.relayout`) they use for
+    mismatched layouts."""
+    import torch
+
+    import kernels.batchnorm_silu as kbn
+    import kernels.mish as kmish
+    from kernels import _common
+    calls = []
+    original = torch.Tensor.contiguous
+
+    def contiguous(self, *a, **k):
+        calls.append("contiguous")
+        return original(self, *a, **k)
+
+    def relayout(t, ref, _orig=_common.relayout):
+        out = _orig(t, ref)
+        if out is not t:
+            calls.append("relayout")
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    for mod in (kbn, kmish):
+        monkeypatch.setattr(mod, "relayout", relayout)
+    return calls
+
+
+@pytest.fixture
+def no_tf32():
+    """Full fp32 convs/matmuls on a GPU: the block tests compare two models whose conv inputs
+    differ by fp32 rounding, which TF32 would amplify past the tolerances."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def run_two_ranks(script: str, split, tmp_path, timeout: int) -> list:
+    """Run `script` (python -c) as ranks 0 and 1 together; its argv: a file for the gloo
+    group's store, `split` as JSON (name, paths, labels, sizes, cache_dir: tmp_path/cache),
+    the rank. Returns each rank's last stdout line, parsed as JSON."""
+    spec_file = tmp_path / "split.json"
+    spec_file.write_text(json.dumps(dict(name=split.name, paths=split.paths, labels=split.labels,
+                                         sizes=split.sizes, cache_dir=str(tmp_path / "cache"))))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "store"), str(spec_file), str(r)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = []
+    for p in procs:
+        so, se = p.communicate(timeout=timeout)
+        assert p.returncode == 0, se[-3000:]
+        outs.append(json.loads(so.strip().splitlines()[-1]))
+    return outs

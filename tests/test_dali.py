@@ -1,9 +1,10 @@
 """The DALI loader (CPU pipeline; the CUDA test at the end runs on a GPU box only).
 
 Tolerances, all on images de-normalised back to 0..255 levels unless stated:
-- augment off vs the reference loader: max 1.5 levels. Both decode with libjpeg-turbo
-  (identical pixels); the reference resizes in uint8 and rounds, DALI warps the normalised
-  float image, so the two bilinear results differ by rounding only (measured max ~1.0).
+- augment off vs the reference loader: max 1.5 levels (tests/test_loader_contract.py).
+  Both decode with libjpeg-turbo (identical pixels); the reference resizes in uint8 and
+  rounds, DALI warps the normalised float image, so the two bilinear results differ by
+  rounding only (measured max ~1.0).
 - composed warp vs torchvision's step-by-step sequence on a smooth image: max 3 levels,
   mean 0.5, on pixels where both are defined (the sequence's own fill excluded, and the
   warp's half-pixel blend with the fill at the source edge). The sequence resamples up to
@@ -13,7 +14,6 @@ Tolerances, all on images de-normalised back to 0..255 levels unless stated:
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -27,8 +27,8 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
-from loaders.base import Loader, LoaderOptions, build_loader  # noqa: E402
-from loaders.dali import DaliLoader, dali_rejects, shard_bounds  # noqa: E402
+from loaders.base import LoaderOptions, epoch_indices  # noqa: E402
+from loaders.dali import DaliLoader, dali_rejects  # noqa: E402
 from loaders.datasets import Split  # noqa: E402
 from loaders.params import params_from_uniforms, warp_matrix  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
@@ -75,54 +75,44 @@ def smooth(tmp_path_factory):
     return Split("train", (str(p),), (0,), ((32, 32),), d)
 
 
-def with_ids(split: Split) -> Split:
-    """The split with each sample's label replaced by its index (to track samples)."""
-    return dataclasses.replace(split, labels=tuple(range(len(split))))
+# ------------------------------------------------------------------------------ output
+# (The loader contract itself - shapes, order, ranks, resume, augment-off vs the reference:
+# tests/test_loader_contract.py.)
+
+def test_batches_are_views_that_stay_valid_while_held(tiny_synthetic):
+    """DALI's NHWC buffers are handed over without a copy (the NCHW permutation of each),
+    and DALI never reuses one while the consumer holds it: a consumer holding every batch
+    of two epochs (far more than DALI's prefetch queue) still sees, at the end, the
+    values copied when each batch was yielded."""
+    loader = DaliLoader(tiny_synthetic.train, AugmentSpec(size=32), opts(batch_size=8))
+    held, copies = [], []
+    for e in (0, 1):
+        loader.set_epoch(e)
+        for x, y in loader:
+            assert x.permute(0, 2, 3, 1).is_contiguous()           # a view of DALI's NHWC buffer
+            held.append((x, y))
+            copies.append((x.clone(), y.clone()))
+    assert len(held) == 40
+    assert len({x.data_ptr() for x, _ in held}) == 40              # no buffer handed out twice
+    assert all(torch.equal(x, c) and torch.equal(y, d) for (x, y), (c, d) in zip(held, copies))
 
 
-# ------------------------------------------------------------------------------ protocol
-
-def test_protocol_shapes_dtype_layout_device(tiny_synthetic):
-    spec = AugmentSpec(size=64)
-    loader = build_loader("dali", tiny_synthetic.train, spec, opts())
-    assert isinstance(loader, Loader)
-    batches = list(loader)
-    assert len(batches) == len(loader) == len(tiny_synthetic.train) // 16
-    x, y = batches[0]
-    assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and x.device.type == "cpu"
-    assert y.shape == (16,) and y.dtype == torch.int64 and y.device.type == "cpu"
-    # NCHW in channels_last memory, as a permuted view of DALI's NHWC buffer (no copy).
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    assert x.permute(0, 2, 3, 1).is_contiguous()
-    # Normalised range: every value is the normalised image of some 0..255 pixel.
-    lv = levels(torch.cat([b[0] for b in batches]), spec)
-    assert lv.min() > -1e-3 and lv.max() < 255 + 1e-3
-    # Batches stay valid after later ones (DALI's buffers are not recycled under them).
-    first = [b[0].clone() for b in batches]
-    assert all(torch.equal(a, b[0]) for a, b in zip(first, batches))
-    # Engine dtypes DALI cannot emit (bfloat16) are converted, layout kept.
-    xb, _ = next(iter(DaliLoader(tiny_synthetic.val, spec, opts(train=False, dtype=torch.bfloat16))))
-    assert xb.dtype == torch.bfloat16 and xb.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize("train", [False, True])
-def test_augment_off_equals_reference(tiny_synthetic, train):
-    """Validation (and training with every augmentation off) = decode, resize, normalise:
-    each image equals the reference transform of its own file (max 1.5 levels)."""
-    spec = AugmentSpec(size=48).without()
-    split = tiny_synthetic.val if not train else tiny_synthetic.train
-    loader = DaliLoader(split, spec, opts(train=train, drop_last=False))
-    xs, ys = map(torch.cat, zip(*loader))
-    order = loader.rank_indices(0)
-    assert ys.tolist() == [split.labels[i] for i in order]
-    if not train:
-        assert order.tolist() == list(range(len(split)))
-        # Evaluation epochs are all alike: a second pass reuses the stream, same output.
-        assert torch.equal(torch.cat([x for x, _ in loader]), xs) and loader._stream.pos == 2
-    ref = reference_transform(spec, train=False)
-    want = torch.stack([ref(read_rgb(split.paths[i])) for i in order])
-    d = np.abs(levels(xs, spec) - levels(want, spec))
-    assert d.max() <= 1.5, d.max()
+def test_consecutive_epochs_stream_from_one_pipeline(tiny_synthetic):
+    """Consecutive training epochs continue one pipeline; evaluation epochs are all alike
+    and reuse it too. Leaving an epoch early, or a start batch, starts a new one."""
+    loader = DaliLoader(tiny_synthetic.train, AugmentSpec(size=32), opts())
+    for e in range(3):
+        loader.set_epoch(e)
+        list(loader)
+    stream = loader._stream
+    assert stream is not None and stream.pos == 3
+    loader.set_epoch(3, start_batch=1)
+    list(loader)
+    assert loader._stream is not stream
+    ev = DaliLoader(tiny_synthetic.val, AugmentSpec(size=32), opts(train=False))
+    first = [x.clone() for x, _ in ev]
+    second = [x for x, _ in ev]
+    assert all(torch.equal(a, x) for a, x in zip(first, second)) and ev._stream.pos == 2
 
 
 def test_resize_first_path_for_large_or_mixed_sources(tmp_path):
@@ -151,68 +141,12 @@ def test_resize_first_path_for_large_or_mixed_sources(tmp_path):
     assert xa.shape == (4, 3, 32, 32) and torch.isfinite(xa).all()
 
 
-# ----------------------------------------------------------------------------- epochs
+# -------------------------------------------------------------------------- bad input
 
-def test_deterministic_and_epochs(tiny_synthetic):
-    spec = AugmentSpec(size=32)
-    split = with_ids(tiny_synthetic.train)
-    a, b = DaliLoader(split, spec, opts(seed=3)), DaliLoader(split, spec, opts(seed=3))
-    ea, eb = list(a), list(b)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(ea, eb))
-    epochs = [ea]
-    for e in (1, 2):                       # consecutive epochs stream from one pipeline
-        a.set_epoch(e)
-        epochs.append(list(a))
-    assert a._stream is not None and a._stream.pos == 3
-    ids = [torch.cat([y for _, y in ep]).tolist() for ep in epochs]
-    assert ids[0] != ids[1] != ids[2]
-    # set_epoch(n) reproduces epoch n exactly: on a fresh loader, and going back.
-    c = DaliLoader(split, spec, opts(seed=3))
-    c.set_epoch(2)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(c, epochs[2]))
-    a.set_epoch(0)
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(list(a), ea))
-    # Resuming inside an epoch: the same batches from there on.
-    c.set_epoch(1, start_batch=3)
-    rest = list(c)
-    assert len(rest) == len(epochs[1]) - 3
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(rest, epochs[1][3:]))
-    # Leaving an epoch early: the next one starts cleanly.
-    a.set_epoch(1)
-    next(iter(a))
-    assert [y.tolist() for _, y in a] == [y.tolist() for _, y in epochs[1]]
-    d = DaliLoader(split, spec, opts(seed=4))
-    assert torch.cat([y for _, y in d]).tolist() != ids[0]
-
-
-def test_epoch_coverage_and_two_shards_partition(tiny_synthetic):
-    split = with_ids(tiny_synthetic.train)
-    n, spec = len(split), AugmentSpec(size=32).without()
-    # Every sample exactly once per epoch (ragged last batch kept).
-    full = DaliLoader(split, spec, opts(drop_last=False))
-    full.set_epoch(2)
-    ids = torch.cat([y for _, y in full]).tolist()
-    assert sorted(ids) == list(range(n)) and len(full) == -(-n // 16)
-    # Dropping the ragged batch: no duplicates, len() batches of 16.
-    drop = DaliLoader(split, spec, opts(batch_size=48))
-    ids = torch.cat([y for _, y in drop]).tolist()
-    assert len(ids) == len(set(ids)) == len(drop) * 48 == (n // 48) * 48
-    # Two ranks: disjoint, equal in size, together the whole epoch; rank = DALI's shard.
-    ranks = [DaliLoader(split, spec, opts(drop_last=False, rank=r, world_size=2)) for r in (0, 1)]
-    seen = []
-    for r, loader in enumerate(ranks):
-        loader.set_epoch(5)
-        got = torch.cat([y for _, y in loader]).tolist()
-        assert got == loader.rank_indices(5).tolist()
-        seen.append(got)
-    assert not set(seen[0]) & set(seen[1])
-    assert len(seen[0]) == len(seen[1]) and sorted(seen[0] + seen[1]) == list(range(n - n % 2))
-    assert shard_bounds(10, 1, 3) == (3, 6)
-
-
-def test_unreadable_file_is_skipped_with_a_warning(tiny_synthetic, tmp_path):
-    """A file that became unreadable after ingest: named in a warning, skipped, the epoch
-    goes on with every other sample."""
+def test_unreadable_file_is_replaced_by_the_next_sample(tiny_synthetic, tmp_path):
+    """A file that became unreadable after ingest: named in a warning, and the next
+    readable sample of the split read in its place from then on, so the epoch keeps its
+    length; `sample_indices` shows the replacement. (Two ranks: the contract suite.)"""
     paths = []
     for i, p in enumerate(tiny_synthetic.train.paths[:40]):
         q = tmp_path / f"{i:02d}.jpg"
@@ -220,17 +154,19 @@ def test_unreadable_file_is_skipped_with_a_warning(tiny_synthetic, tmp_path):
         paths.append(str(q))
     Path(paths[21]).write_bytes(b"this is not an image" * 10)
     split = Split("train", tuple(paths), tuple(range(40)), ((32, 32),) * 40, tmp_path)
-    loader = DaliLoader(split, AugmentSpec(size=32), opts(batch_size=8, drop_last=False))
-    with pytest.warns(RuntimeWarning, match="21.jpg"):
+    o = opts(batch_size=8, drop_last=False)
+    loader = DaliLoader(split, AugmentSpec(size=32), o)
+    with pytest.warns(RuntimeWarning, match="cannot read .*21.jpg; using the next readable sample"):
         ids = torch.cat([y for _, y in loader]).tolist()
-    assert sorted(ids) == [i for i in range(40) if i != 21]
-    assert paths[21] in loader.bad
+    assert ids == [22 if i == 21 else i for i in epoch_indices(40, o, 0)]
+    assert loader.bad == {21} and loader.sample_indices(0).tolist() == ids
     # The last-resort check decodes with DALI itself, one file at a time.
     assert dali_rejects(paths[20:23]) == [paths[21]]
     with warnings.catch_warnings():                   # later epochs: no error, no warning
         warnings.simplefilter("error")
         loader.set_epoch(1)
-        assert sorted(torch.cat([y for _, y in loader]).tolist()) == sorted(ids)
+        ids = torch.cat([y for _, y in loader]).tolist()
+        assert ids == [22 if i == 21 else i for i in epoch_indices(40, o, 1)]
 
 
 # ------------------------------------------------------------------------ augmentations

@@ -1,12 +1,12 @@
 """The FFCV loader: the .beton cache (reuse, rebuild, subsets, atomic writes, bad images,
-dead writer workers), the loader protocol, epoch coverage, ranks (in-process and through a
-gloo process group), determinism, the spec applied exactly once, and equality with the
-reference loader when augmentation is off.
+dead writer workers), native storage, FFCV's quasi-random order, ranks through a gloo
+process group, the spec applied exactly once, and a JPEG .beton against the reference.
+The loader contract (tests/test_loader_contract.py) covers the rest.
 
 Tolerances, in uint8 units (1 = 1/255 before normalisation):
-- augment off, raw .beton vs the reference loader: max 1, mean <= 0.5 (the .beton holds the
-  exact decoded pixels; the reference resizes in uint8 with torchvision's kernel and
-  rounds, augment.py resizes in float32: the same bound as tests/test_resident.py);
+- augment off, raw .beton vs the reference loader: max 1, mean <= 0.5 (in the contract
+  suite; the .beton holds the exact decoded pixels; the reference resizes in uint8 with
+  torchvision's kernel and rounds, augment.py resizes in float32);
 - augment off, JPEG .beton (quality 90) vs the reference: mean <= 5, 99th percentile <= 24
   (re-encoding is lossy, and FFCV's OpenCV encoder subsamples chroma 4:2:0: measured mean
   3.2, p99 16.8 on the synthetic set's noisy 32x32 images, upscaled to 48);
@@ -16,28 +16,25 @@ Tolerances, in uint8 units (1 = 1/255 before normalisation):
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_two_ranks
 from PIL import Image
 
 pytest.importorskip("ffcv")
 
 from loaders import augment as A  # noqa: E402
 from loaders import ffcv as F  # noqa: E402
-from loaders.base import LoaderOptions, build_loader, epoch_indices  # noqa: E402
-from loaders.datasets import Split, load_dataset  # noqa: E402
+from loaders.base import LoaderOptions, build_loader  # noqa: E402
+from loaders.datasets import load_dataset  # noqa: E402
 from loaders.common import ConfigError  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = AugmentSpec(size=48)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -96,18 +93,14 @@ def full_loader(tiny_synthetic):
     return F.FfcvLoader(tiny_synthetic.train, SPEC, opts())
 
 
-# ---------------------------------------------------------------------------- protocol
+# ---------------------------------------------------------------------------- loading
+# (The loader contract itself - shapes, order, ranks, determinism, resume, augment-off vs
+# the reference: tests/test_loader_contract.py.)
 
-def test_protocol_shapes_dtype_layout_registry_and_native_storage(tiny_synthetic, full_loader):
+def test_native_storage_registry_threads_and_host_pipeline(tiny_synthetic, full_loader):
     threads = torch.get_num_threads()
     loader = build_loader("ffcv", tiny_synthetic.train, SPEC, opts(train=False, batch_size=16))
-    assert isinstance(loader, F.FfcvLoader) and len(loader) == 160 // 16
-    assert len(full_loader) == 160 // 24                                  # drop_last when training
-    for ld, b in ((full_loader, 24), (loader, 16)):
-        x, y = next(iter(ld))
-        assert x.shape == (b, 3, 48, 48) and x.dtype == torch.float32 and x.device.type == "cpu"
-        assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.shape == (b,) and y.dtype == torch.int64
+    assert isinstance(loader, F.FfcvLoader) and loader.order == "epoch"
     assert full_loader.hw == (32, 32)                                     # stored at native size
     path = full_loader.beton.path
     assert path.parent == tiny_synthetic.cache_dir / "ffcv" and path.name.startswith("train-32x32-raw-")
@@ -117,53 +110,32 @@ def test_protocol_shapes_dtype_layout_registry_and_native_storage(tiny_synthetic
     assert ops == ["ToTensor", "ToDevice", "ToTorchImage"]
 
 
-def test_every_sample_once_per_epoch_in_the_projects_order_and_ranks_partition(tiny_synthetic):
+def test_quasi_random_order_ranks_and_resume(tiny_synthetic):
+    """FFCV's page-local order: each rank's fixed shard (equal counts: truncated to a
+    multiple of the world size), a new order every epoch, `sample_indices` = what is
+    delivered, and a resume that decodes and drops the batches before its start."""
     split, off = tiny_synthetic.train, SPEC.without()
-    every = sorted(samples(F.FfcvLoader(split, off, opts(train=False, batch_size=7))))
-    assert len(every) == len(split) == len(set(every))
-    o = opts(batch_size=7, drop_last=False)
-    loader = F.FfcvLoader(split, off, o)
-    assert len(loader) == -(-160 // 7)
-    for epoch in (0, 1, 0):
-        loader.set_epoch(epoch)
-        got = samples(loader)
-        assert sorted(got) == every
-        # set_epoch(n) selects base.epoch_indices(n): the order every loader shares
-        assert [lab for lab, _ in got] == [split.labels[i] for i in epoch_indices(160, o, epoch)]
-    ranks = [samples(F.FfcvLoader(split, off, replace(o, rank=r, world_size=2))) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) == 80
-    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == every
-
-
-def test_quasi_random_order_covers_every_sample(tiny_synthetic):
-    split, off = tiny_synthetic.train, SPEC.without()
-    loader = F.FfcvLoader(split, off, opts(batch_size=7, drop_last=False), order="quasi_random")
-    assert loader.order == "quasi_random"
-    firsts = []
-    for epoch in (0, 1):
-        loader.set_epoch(epoch)
-        got = samples(loader)
-        assert len(got) == 160 and len(set(got)) == 160
-        firsts.append(got)
-    assert firsts[0] != firsts[1]
-
-
-def epoch_batches(loader, epoch):
-    loader.set_epoch(epoch)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
-
-
-def test_deterministic_for_a_seed_and_fresh_per_epoch(tiny_synthetic, full_loader):
-    e0 = epoch_batches(full_loader, 0)
-    assert same(e0, epoch_batches(F.FfcvLoader(tiny_synthetic.train, SPEC, opts()), 0))  # another loader
-    assert same(e0, list(full_loader))                       # the same epoch again, no set_epoch
-    e1 = epoch_batches(full_loader, 1)                       # a new order and new draws
-    assert not torch.equal(e1[0][1], e0[0][1]) and not torch.equal(e1[0][0], e0[0][0])
-    assert same(e0, epoch_batches(full_loader, 0))           # and back: FFCV's epoch counter is set
+    got = []
+    for r in (0, 1):
+        loader = F.FfcvLoader(split, off, opts(batch_size=7, drop_last=False, rank=r, world_size=2),
+                              order="quasi_random")
+        assert loader.order == "quasi_random" and len(loader) == -(-80 // 7)
+        firsts = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            ids = [lab for lab, _ in samples(loader)]
+            assert ids == [split.labels[i] for i in loader.sample_indices(epoch)]
+            firsts.append(samples(loader))
+        assert len(firsts[0]) == 80 and firsts[0] != firsts[1]
+        got.append(set(firsts[0]))
+        loader.set_epoch(1)
+        whole = [(x.clone(), y.clone()) for x, y in loader]
+        loader.set_epoch(1, start_batch=4)
+        rest = list(loader)
+        assert len(rest) == len(whole) - 4
+        assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(whole[4:], rest))
+    every = set(samples(F.FfcvLoader(split, off, opts(train=False, batch_size=40))))
+    assert not got[0] & got[1] and got[0] | got[1] == every
 
 
 def test_the_spec_is_drawn_once_per_batch_with_its_ranges(full_loader, monkeypatch):
@@ -224,49 +196,16 @@ def test_flip_and_grayscale_rates_measured_on_the_output(folder):
 
 # ---------------------------------------------------------------------------- vs the reference
 
-def diff_vs_reference(split, spec, o, ffcv_loader, batches):
-    """uint8-unit absolute differences against the torchvision loader, labels aligned."""
-    ref = build_loader("torchvision", split, spec, replace(o, workers=0))
-    m = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
-    out, n = [], 0
-    for (xr, yr), (xo, yo) in zip(ref, ffcv_loader):
-        assert torch.equal(yr, yo)                                   # labels aligned
-        out.append(((xr.float() - xo.float()).abs() * m).flatten())
-        n += 1
-        if n == batches:
-            break
-    assert n == batches
-    return torch.cat(out)
-
-
-@pytest.mark.parametrize("train", [False, True])
-def test_augment_off_equals_the_reference_loader(tiny_synthetic, train):
-    o = opts(train=train, batch_size=32)
-    d = diff_vs_reference(tiny_synthetic.train, SPEC.without(), o,
-                          F.FfcvLoader(tiny_synthetic.train, SPEC.without(), o), 4)
-    assert d.max() <= 1.001 and d.mean() <= 0.5, (d.max(), d.mean())
-
-
 def test_jpg_beton_within_the_jpeg_tolerance(tiny_synthetic):
     o = opts(train=False, batch_size=40)
-    loader = F.FfcvLoader(tiny_synthetic.val, SPEC.without(), o, beton=F.BetonOptions(write_mode="jpg"))
+    spec = SPEC.without()
+    loader = F.FfcvLoader(tiny_synthetic.val, spec, o, beton=F.BetonOptions(write_mode="jpg"))
     assert "-jpg90-" in loader.beton.path.name
-    d = diff_vs_reference(tiny_synthetic.val, SPEC.without(), o, loader, 1)
+    (xr, yr), (xo, yo) = (next(iter(ld)) for ld in (build_loader("torchvision", tiny_synthetic.val, spec,
+                                                                 replace(o, workers=0)), loader))
+    assert torch.equal(yr, yo)                                           # labels aligned
+    d = ((xr.float() - xo.float()).abs() * torch.tensor(spec.std).view(1, 3, 1, 1) * 255).flatten()
     assert d.mean() <= 5 and torch.quantile(d, 0.99) <= 24, (d.mean(), torch.quantile(d, 0.99))
-
-
-def test_augment_off_equals_the_reference_on_real_cifar(cifar_jpeg_dir, tmp_path):
-    """Real CIFAR-10 JPEGs (the first 20 test images per class, in place) at the report's
-    128x128."""
-    classes = sorted(p for p in (cifar_jpeg_dir / "test").iterdir() if p.is_dir())
-    files = [(str(f), label) for label, c in enumerate(classes) for f in sorted(c.iterdir())[:20]]
-    paths, labels = zip(*files)
-    ds_val = Split("val", paths, labels, ((32, 32),) * len(paths), tmp_path)
-    spec, o = AugmentSpec(), opts(train=False, batch_size=100)
-    loader = F.FfcvLoader(ds_val, spec, o)
-    assert loader.hw == (32, 32)
-    d = diff_vs_reference(ds_val, spec, o, loader, 2)
-    assert d.max() <= 1.001 and d.mean() <= 0.5, (d.max(), d.mean())
 
 
 # ---------------------------------------------------------------------------- the .beton cache
@@ -383,14 +322,12 @@ split = Split(s["name"], tuple(s["paths"]), tuple(s["labels"]), tuple(map(tuple,
 o = LoaderOptions(train=True, batch_size=7, workers=1, seed=3, drop_last=False, rank=rank, world_size=2)
 off = AugmentSpec(size=48).without()
 out = {}
-for order in ("epoch", "random"):
-    ld = F.FfcvLoader(split, off, o, order=order)
-    assert ld.loader.distributed
-    out.setdefault("written", ld.beton.seconds > 0)
-    for epoch in (0, 1):
-        ld.set_epoch(epoch)
-        out[f"{order}{epoch}"] = [(int(a), round(float(b), 2)) for x, y in ld
-                                  for a, b in zip(y, x.double().sum(dim=(1, 2, 3)))]
+ld = F.FfcvLoader(split, off, o, order="epoch")
+out["written"] = ld.beton.seconds > 0
+for epoch in (0, 1):
+    ld.set_epoch(epoch)
+    out[f"epoch{epoch}"] = [(int(a), round(float(b), 2)) for x, y in ld
+                            for a, b in zip(y, x.double().sum(dim=(1, 2, 3)))]
 threads.append(torch.get_num_threads())
 out["threads"] = threads
 dist.destroy_process_group()
@@ -400,29 +337,18 @@ print(json.dumps(out))
 
 @pytest.mark.timeout(300)
 def test_two_ranks_through_a_gloo_process_group(tiny_synthetic, tmp_path):
-    """distributed=True under torch.distributed (world size 2, gloo, two processes): the
-    project's order and FFCV's own RANDOM order (DistributedSampler) both partition the
-    split in each epoch; both ranks need the .beton at once and exactly one writes it (the
-    lock); torch's thread count is left alone (FFCV sets it at import and per loader)."""
+    """Under torch.distributed (world size 2, gloo, two processes): the ranks partition
+    the split in each epoch; both ranks need the .beton at once and exactly one writes it
+    (the lock); torch's thread count is left alone (FFCV sets it at import and per
+    loader)."""
     split = tiny_synthetic.train
     every = sorted(samples(F.FfcvLoader(split, SPEC.without(), opts(train=False, batch_size=40))))
-    spec_file = tmp_path / "split.json"
-    spec_file.write_text(json.dumps(dict(name=split.name, paths=split.paths, labels=split.labels,
-                                         sizes=split.sizes, cache_dir=str(tmp_path / "cache"))))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path / "store"), str(spec_file), str(r)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    outs = []
-    for p in procs:
-        so, se = p.communicate(timeout=280)
-        assert p.returncode == 0, se[-3000:]
-        outs.append(json.loads(so.strip().splitlines()[-1]))
-    for key in ("epoch0", "epoch1", "random0", "random1"):
+    outs = run_two_ranks(RANK_SCRIPT, split, tmp_path, timeout=280)
+    for key in ("epoch0", "epoch1"):
         a, b = (set(map(tuple, o[key])) for o in outs)
         assert len(outs[0][key]) == len(outs[1][key]) == 80 and not a & b
         assert sorted(a | b) == every, key
-    assert outs[0]["epoch0"] != outs[0]["epoch1"] and outs[0]["random0"] != outs[0]["random1"]
+    assert outs[0]["epoch0"] != outs[0]["epoch1"]
     assert sorted(o["written"] for o in outs) == [False, True]
     for o in outs:
         assert o["threads"] == [3, 3, 2]        # not FFCV's 1 (at import, and num_workers=1)

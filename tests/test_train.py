@@ -14,6 +14,7 @@ from PIL import Image
 from engine.config import SHARED_CIFAR10, STAGES, config_from_args
 from engine.train import cosine_lr, main
 from tests.conftest import run_cli
+from loaders.common import ConfigError
 
 
 def make_tiny_folder(root):
@@ -123,7 +124,7 @@ def test_target_acc_stops_the_run_and_reports_time_images_and_loader(tiny_folder
     (["--width", "1.0", "--max-params", "1000"], "over --max-params 1,000"),
     (["--stages", "pretrain"], "unknown stage"),
     (["--batch-size", "many"], "--batch-size 'many': expected int"),
-    (["--size", "16"], "--size 16 is too small"),
+    (["--size", "16"], "--size 16: must be >= 32"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -159,3 +160,33 @@ def test_bad_dataset_layout_from_the_command_line(tmp_path):
     assert report["count"] == 2 and report["dropped_classes"] == ["b"]
     assert sorted(i["path"] for i in report["items"]) == [str(root.resolve() / s / "b") for s in ("train", "val")]
     assert json.loads((tmp_path / "runs" / "ok" / "config.json").read_text())["classes"] == ["a", "c"]
+
+
+def test_config_file_is_layered_under_the_command_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: cpu-demo\nbatch_size: 32\nepochs: [3, 1, 0, 0]\nwidth: 0.5\ncompile: off\n"
+                 "aug:\n  rotate_degrees: 5\nno_aug: [perspective]\n")
+    cfg, _ = config_from_args(["--config", str(f), "--width", "0.125"])
+    assert (cfg.batch_size, cfg.epochs, cfg.width, cfg.compile) == (32, (3, 1, 0, 0), 0.125, "off")
+    assert cfg.aug["rotate_degrees"] == 5.0 and cfg.aug["translate_frac"] == 0.1     # preset's aug kept
+    assert cfg.no_aug == ("perspective",)
+    (tmp_path / "bad.yaml").write_text("batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'batch_sise'"):
+        config_from_args(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ConfigError, match="cannot read it"):
+        config_from_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_tensorboard_events_hold_the_metrics_scalars(tiny_folder, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e .[tensorboard])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    main(["--data", f"imagefolder:{tiny_folder}", "--width", "0.125", "--epochs", "2,0,0,0", "--batch-size", "8",
+          "--workers", "0", "--amp", "off", "--log", "tensorboard", "--out", str(tmp_path / "runs"), "--name", "tb",
+          "--cache-dir", str(tmp_path / "cache")])
+    ev = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"train/train_loss", "val/val_acc", "run/lr", "run/data_wait_frac", "run/images_per_s"} <= tags
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "tb" / "metrics.csv")))
+    got = [e.value for e in ev.Scalars("val/val_acc")]
+    assert got == pytest.approx([float(r["val_acc"]) for r in rows])

@@ -1,0 +1,115 @@
+"""Where and how the step runs: device, autocast dtype, torch.compile, CPU threads.
+
+- `resolve_device`: "auto" is CUDA when present; under torchrun a bare "cuda" is the local rank's.
+- `resolve_amp`: bf16 autocast on CUDA; on CPU only where a short probe shows bf16 beating
+  float32 (CPU flags are not enough: machines with AMX flags ran bf16 both 2x faster and 10x
+  slower); fp16 with a GradScaler on request.
+- `resolve_compile`: torch.compile on by default on CUDA, off on CPU (a cold compile costs
+  minutes there against a ~1.4x step; see docs/engine.md).
+- `configure_threads`: intra-op threads = the cores this process may use, divided among local
+  ranks; OpenMP waits passively (engine/__init__.py), so a busy neighbour or our own loader's
+  workers do not make the step's threads spin.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from loaders.common import ConfigError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`local_rank` (torchrun): a CUDA device without an index becomes cuda:<local_rank>."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only cpu and cuda are supported; use auto, cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device here; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def cpu_reports_bf16() -> bool:
+    """Whether the CPU flags claim native bf16 (AVX512-BF16 or AMX)."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast beats float32 for a conv training step on this CPU: where the
+    flags say yes, ~0.2 s of conv fwd+bwd steps, the two dtypes interleaved, the fastest of
+    each compared (contention only adds time, so the minimum is the stable figure)."""
+    if not cpu_reports_bf16():
+        return False
+    with torch.random.fork_rng(devices=[]):       # the probe must not move the run's RNG
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+        x = torch.randn(16, 64, 32, 32).to(memory_format=torch.channels_last)
+    best = {torch.bfloat16: float("inf"), None: float("inf")}
+    for i in range(6):
+        for dtype in best:
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                conv(x).float().sum().backward()
+            if i:                                 # the first call of each creates its primitives
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.bfloat16] < 0.9 * best[None]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The --amp name of a resolved autocast dtype ("off", "bf16", "fp16")."""
+    return next(k for k, v in AMP_DTYPES.items() if v == dtype)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_bf16_pays() else None
+    if name not in AMP_DTYPES:
+        raise ConfigError(f"--amp {name!r}: use auto, bf16, fp16 or off")
+    return AMP_DTYPES[name]
+
+
+def resolve_compile(name: str, device: torch.device) -> bool:
+    if name not in ("auto", "on", "off"):
+        raise ConfigError(f"--compile {name!r}: use auto, on or off")
+    return device.type == "cuda" if name == "auto" else name == "on"
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has produced in this process (dynamo's unique_graphs counter)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_threads(device: torch.device, local_world: int = 1) -> int:
+    """Set torch's intra-op threads for the step and return the count: the cores this process
+    may use (its affinity, not the machine's count) shared by the local ranks; on CUDA, where
+    the host only launches kernels, at most 4. An explicit OMP_NUM_THREADS wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = max(usable_cores() // max(local_world, 1), 1)
+    if device.type == "cuda":
+        n = min(n, 4)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n

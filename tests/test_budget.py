@@ -1,0 +1,56 @@
+"""--budget: the plan's arithmetic, and a real run that ends inside a small budget."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine.budget import parse_duration, plan, replan, share
+from tests.hooked_train import main
+from tests.test_train import make_tiny_folder
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("4m", "90s", "1h30m", "2.5m", "240")] == [240, 90, 5400, 150, 240]
+    for bad in ("", "4x", "m", "4m junk"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_share_keeps_the_stage_proportions():
+    assert share(18, [14, 2, 1, 1]) == [14, 2, 1, 1]
+    assert share(9, [14, 2, 1, 1]) == [7, 1, 0, 1] or share(9, [14, 2, 1, 1]) == [7, 1, 1, 0]
+    assert sum(share(37, [14, 2, 1, 1])) == 37 and share(1, [14, 2, 1, 1]) == [1, 0, 0, 0]
+    assert share(1, [1, 1, 1, 1])[0] == 1 and share(0, [14, 2, 1, 1]) == [0, 0, 0, 0]
+    assert plan([14, 2, 1, 1], epoch_s=10.0, remaining_s=185.0) == [14, 2, 1, 1]
+    assert plan([14, 2, 1, 1], epoch_s=100.0, remaining_s=50.0) == [1, 0, 0, 0]     # always one epoch
+
+
+def test_replan_only_beyond_the_margin():
+    cur = [14, 2, 1, 1]
+    done = [3, 0, 0, 0]
+    assert replan(cur, done, [14, 2, 1, 1], epoch_s=10.0, remaining_s=150.0) is None    # 15 left, 15 fit
+    # 7 fit, planned with a 5% cushion against timing noise: 6 more, the shape kept
+    assert replan(cur, done, [14, 2, 1, 1], epoch_s=20.0, remaining_s=150.0) == [7, 1, 1, 0]
+    faster = replan(cur, done, [14, 2, 1, 1], epoch_s=5.0, remaining_s=150.0)         # 30 fit
+    assert faster == [24, 3, 2, 2]
+    assert replan(cur, [14, 1, 0, 0], [14, 2, 1, 1], epoch_s=10.0, remaining_s=5.0) == [14, 1, 0, 0]  # stop
+    assert replan([20, 3, 1, 1], [20, 0, 0, 0], [14, 2, 1, 1], 10.0, 35.0) == [20, 1, 1, 0]   # stage 0 done
+
+
+def test_a_run_with_a_small_budget_ends_inside_it(tmp_path, capsys):
+    data = make_tiny_folder(tmp_path / "data")
+    budget = 25.0
+    t0 = time.perf_counter()
+    main(["--preset", "cpu-demo", "--data", f"imagefolder:{data}", "--width", "0.125", "--batch-size", "8",
+          "--workers", "0", "--amp", "off", "--loader", "resident", "--budget", f"{budget:g}s",
+          "--out", str(tmp_path / "runs"), "--name", "b", "--cache-dir", str(tmp_path / "cache")])
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "b" / "summary.json").read_text())
+    assert "budget 25s: a step takes" in out and "plan pretraining" in out
+    assert wall <= budget and summary["budget_used_s"] <= budget, (wall, summary)
+    assert summary["budget_used_s"] >= 0.5 * budget, summary        # the budget was used, not left idle
+    p = summary["plan"]
+    assert p[0] > p[1] >= 1, p                                      # the report's shape, all stages run
