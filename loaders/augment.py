@@ -4,81 +4,16 @@
     # -> (N,3,S,S) normalised, channels_last, in `dtype`, on the batch's device
     images = augment(batch_uint8, spec, train=False)          # resize + normalise only
 
-Every sample gets its own random parameters (not one draw for the batch), drawn with ONE
-`torch.rand` call from the explicit `generator` (on the batch's device). Nothing in a call
-waits for the device (constants are copied once and cached), so on CUDA a whole call is
-queued asynchronously. `draw_params` + `apply` are the two halves, exposed for tests and for
-loaders that draw parameters themselves; the FFCV loader reuses `augment` for the ops FFCV
-lacks. `python -m loaders.augment [--device cuda]` prints the augmentation-only images/s.
-
-Distributions (those of `loaders.torchvision.reference_transform`, the torchvision v2 ops):
-flip Bernoulli(flip_p); pad-crop offset integer uniform on [0, 2*pad] per axis; rotation
-angle U(-d, d); ColorJitter factors U(max(0,1-x), 1+x), hue U(-h, h); grayscale
-Bernoulli(grayscale_p); translation round(U(-f*S, f*S)) pixels per axis (RandomAffine's
-integer draw); perspective Bernoulli(perspective_p) with RandomPerspective's integer corner
-draw (each corner moved inwards by randint(0, int(distortion*(S//2))+1) per axis) and its
-coefficients (end points -> start points, applied to pixel-centre coordinates as
-`F.perspective` does). ColorJitter's order: torchvision draws `randperm(4)` per call, i.e.
-per image; we draw one uniform permutation per sample and apply the four ops in exactly that
-order (see Colour), so the order distribution matches too.
-
-Geometry, one resampling per image. Resize (native -> S: 32x32 images are stored small and
-upscaled inside the warp), flip, pad-crop offset, rotation, translation and perspective are
-composed into one 3x3 projective matrix per sample in continuous pixel coordinates (pixel
-i's centre at i+0.5, the convention of torchvision's tensor kernels: rotation about
-(S/2, S/2), perspective on the +0.5 grid), from which the sampling grid is built by
-broadcasting (two rank-1 sums, one division when perspective is on) for ONE bilinear
-`grid_sampler_2d` (align_corners=False, half-pixel centres). Resize with antialias=True when
-upscaling is plain half-pixel bilinear with edge clamping, so the source is sampled with
-padding_mode="border" and the zero fill is a separate mask on the S-sized canvas: per axis
-clamp(distance to the canvas edge in pixels + 0.5, 0, 1), squared (bilinear sampling with
-zero padding weights in-canvas pixels by that coverage c, and torchvision's fill step
-multiplies by its sampled ones-mask, c again). Each single op matches torchvision's
-functional op with the same parameters to 0.01/255 (tests). Mask, normalisation and the
-channels_last layout in `dtype` are one addcmul and one copy. Sources larger than S are
-first shrunk to S with antialiasing (bilinear sampling alone would alias); the resident
-loader stores such data at S anyway. CPU resize-only calls use torch's uint8 antialiased
-kernel, the reference's own, so augment-off output equals the reference's to the bit.
-
-Clipping (content one step crops away and a later step brings back into view: black in the
-sequence, real in one warp). CHOICE: keep the real content by default
-(`emulate_clipping=False`: the only fill is where the composed map leaves the resized,
-flipped image, i.e. the crop's zero padding and outside the source); `emulate_clipping=True`
-also applies the coverage of the canvases the rotation, translation and perspective read
-from, reproducing the sequence's fill. Measured on CIFAR-10 at 128 with the default spec
-(200 images, same parameters as the sequence of v2 functional ops): the sequence's output is
-38% fill; keeping content shows real pixels on 7.5% of all pixels where the sequence is black,
-emulation on 0.0%; where both define content, mean |difference| 0.51/255 (p99 4.8/255) in
-both modes (0.31/255 with colour off: the sequence's repeated resampling blurs more). Cost:
-emulation takes 1.3-1.6x the CPU time of keep-content (0.57 vs 0.37 ms/image single-thread,
-32->128, batch 256), ~5x vs ~6-10x the torchvision loader in the same runs.
-
-Colour. Brightness, contrast and saturation are torchvision's blends (towards 0, towards
-the grayscale mean, towards each pixel's grayscale; clamped to [0,1]) and are one batched
-"blend pass" x <- clamp(f*x + (1-f)*(a*gray + b*mean)) with per-sample (f, a, b), so a
-per-sample order costs nothing extra: three passes in each sample's own order, split around
-hue (pre-hue passes, one batched HSV hue shift, post-hue passes: 6 blend passes + 1 hue
-pass). Grayscale is the same blend with f=0; 1/std is folded in before the warp and -mean/std
-added after it. ORDER DIFFERENCE from the report: the per-pixel colour work runs on the
-source before the upscaling warp (16x fewer pixels at 32->128: 0.08 vs 2.0 ms/image
-single-thread) instead of after flip/crop/rotation. Colour and geometry commute except at
-the zero fill and through clamping/hue non-linearity at edges. Two fill effects: (1) the
-sequence's contrast pivot is the mean of the rotated/cropped canvas, black corners included;
-we emulate it by taking the mean over that canvas (flip, pad-crop, rotation applied, zero
-fill) sampled on a 32x32 grid, which brought the colour-on difference above from 1.81/255 to
-0.51/255; (2) in the sequence the contrast blend lifts the black fill made before the jitter
-(crop padding, rotation corners) to (1-c)*mean when c < 1: 5% of the sequence's fill pixels
-differ from black by more than 2/255; ours stay black. The reference works in uint8
-throughout (rounding or truncating after every op); we stay in float32 until the output.
-
-CPU threading. A batch is split into one contiguous range per intra-op thread, each run by a
-worker thread whose torch ops are single-threaded; within a range, 16 images at a time
-through reused buffers. Per-op OpenMP parallelism pays a barrier per op, and on a shared
-machine a descheduled team thread stalls each of the few hundred ops of a batch: measured
-here (2 cores, load ~4 from other jobs) 137 images/s with 2 OpenMP threads vs 1561 with 1.
-Environment knobs that help every CPU loader (set before torch is imported):
-THP_MEM_ALLOC_ENABLE=1 (fresh 50 MB batches cost 49 ms of page faults without it, 17 with)
-and OMP_WAIT_POLICY=PASSIVE.
+Per-sample parameters come from `loaders.params` (one `torch.rand` per batch on the
+generator's device); `draw_params` + `apply` are the two halves. Geometry is ONE bilinear
+resampling per image through the composed matrix, the zero fill a separate coverage mask;
+content one step crops and a later one brings back is kept (`emulate_clipping=True`
+reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
+`spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
+1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
+(each sample's op order, clamps, HSV hue). CPU: chunks of 16 images, single-threaded
+worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
+fast). Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -87,184 +22,18 @@ import functools
 import os
 import queue
 import threading
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from loaders.spec import AugmentSpec
+from loaders.params import Params, colour_affine, const, draw_params, stage_matrices
+from loaders.spec import LUMA, AugmentSpec
 
-_GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
-_NCOLS = 24                      # uniforms drawn per sample (see draw_params)
 _CPU_CHUNK = 16                  # images warped at a time on CPU
 _PIVOT_GRID = 32                 # points per side sampling the canvas for the contrast pivot
 
 
-@dataclass
-class Params:
-    """Per-sample parameters, each a tensor with leading dimension N, on one device.
-
-    Geometry in pixels of the S x S training canvas: `shift` (N,2) is the pad-crop offset
-    (left - pad, top - pad), `translate` (N,2) RandomAffine's integer (tx, ty), `corners`
-    (N,4,2) RandomPerspective's endpoints (tl, tr, br, bl; equal to the start points when
-    `perspective` is False). Colour: jitter factors, `order` (N,4) a permutation of
-    0=brightness 1=contrast 2=saturation 3=hue (torchvision's fn_idx)."""
-    flip: torch.Tensor         # bool
-    shift: torch.Tensor        # float64 (N,2) integers
-    angle: torch.Tensor        # float64 degrees, counter-clockwise like F.rotate
-    translate: torch.Tensor    # float64 (N,2) integers
-    perspective: torch.Tensor  # bool
-    corners: torch.Tensor      # float64 (N,4,2) integers
-    brightness: torch.Tensor   # float64
-    contrast: torch.Tensor
-    saturation: torch.Tensor
-    hue: torch.Tensor
-    order: torch.Tensor        # int64 (N,4)
-    grayscale: torch.Tensor    # bool
-
-    def to(self, device) -> "Params":
-        return Params(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                         for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.flip.shape[0]
-
-    def __getitem__(self, sl: slice) -> "Params":
-        return Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
-
-
-@functools.lru_cache(maxsize=256)
-def _const_cached(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device)
-
-
-def _const(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
-    """A small constant on `device`, copied there once: a host->device copy of pageable
-    memory waits for the stream, which would stall CUDA's queue on every batch."""
-    return _const_cached(values, dtype, torch.device(device))
-
-
-def _factor_range(x: float) -> tuple[float, float]:
-    return max(0.0, 1.0 - x), 1.0 + x
-
-
-def draw_params(n: int, spec: AugmentSpec, generator: torch.Generator | None = None,
-                device=None) -> Params:
-    """Independent per-sample parameters for `n` images, from one torch.rand call.
-
-    Disabled augmentations get identity values. Integer draws use floor(u * k), uniform on
-    {0..k-1} like torch.randint."""
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand((n, _NCOLS), generator=generator, device=device, dtype=torch.float64)
-    S, pad = spec.size, spec.crop_padding
-    zeros, ones = u.new_zeros(n), u.new_ones(n)
-    no = torch.zeros(n, dtype=torch.bool, device=device)
-
-    flip = (u[:, 0] < spec.flip_p) if spec.flip else no
-    if spec.crop and pad > 0:
-        shift = torch.floor(u[:, 1:3] * (2 * pad + 1)).clamp_(max=2 * pad) - pad
-        shift = shift.flip(1)   # columns: (left, top) = (x, y)
-    else:
-        shift = u.new_zeros(n, 2)
-    angle = (2 * u[:, 3] - 1) * spec.rotate_degrees if spec.rotate else zeros
-
-    def factor(col, x):
-        lo, hi = _factor_range(x)
-        return lo + (hi - lo) * u[:, col] if spec.jitter and x > 0 else ones
-    bright, contrast, sat = factor(4, spec.brightness), factor(5, spec.contrast), factor(6, spec.saturation)
-    hue = (2 * u[:, 7] - 1) * spec.hue if spec.jitter else zeros
-    order = u[:, 8:12].argsort(dim=1)          # a uniform random permutation per sample
-    gray = (u[:, 12] < spec.grayscale_p) if spec.grayscale else no
-    if spec.translate:
-        m = spec.translate_frac * S
-        translate = torch.round((2 * u[:, 13:15] - 1) * m)
-    else:
-        translate = u.new_zeros(n, 2)
-
-    start = _const(((0, 0), (S - 1, 0), (S - 1, S - 1), (0, S - 1)), torch.float64,
-                   device).expand(n, 4, 2)
-    if spec.perspective:
-        persp = u[:, 15] < spec.perspective_p
-        half = S // 2
-        bound = int(spec.perspective_distortion * half) + 1
-        r = torch.floor(u[:, 16:24] * bound).view(n, 4, 2)
-        inward = _const(((0, 0), (-1, 0), (-1, -1), (0, -1)), torch.float64, device)  # tl tr br bl
-        lo = torch.where(inward < 0, S - bound, 0.0)      # randint(S - bound, S) on those axes
-        drawn = lo + r
-        corners = torch.where(persp[:, None, None], drawn, start)
-    else:
-        persp, corners = no, start.clone()
-    return Params(flip, shift, angle, translate, persp, corners, bright, contrast, sat, hue,
-                  order, gray)
-
-
 # ---------------------------------------------------------------------------- geometry
-
-def _mat(rows) -> torch.Tensor:
-    """(N,3,3) from a 3x3 nested list of (N,) tensors or floats (broadcast)."""
-    flat = [r for row in rows for r in row]
-    ref = next(t for t in flat if isinstance(t, torch.Tensor))
-    flat = [t if isinstance(t, torch.Tensor) else torch.full_like(ref, float(t)) for t in flat]
-    return torch.stack(flat, dim=-1).view(-1, 3, 3)
-
-
-def _perspective_matrix(corners: torch.Tensor, S: int) -> torch.Tensor:
-    """Homography mapping output (end) points to input (start) points, like torchvision's
-    `_get_perspective_coeffs(startpoints, endpoints)`, via the closed-form square-to-quad
-    map Q (Heckbert): H = Q_start @ adj(Q_end). No linear solve, no host sync."""
-    x, y = corners[..., 0], corners[..., 1]
-    x0, x1, x2, x3 = x.unbind(-1)
-    y0, y1, y2, y3 = y.unbind(-1)
-    sx, sy = x0 - x1 + x2 - x3, y0 - y1 + y2 - y3
-    dx1, dx2, dy1, dy2 = x1 - x2, x3 - x2, y1 - y2, y3 - y2
-    den = dx1 * dy2 - dx2 * dy1
-    g = (sx * dy2 - dx2 * sy) / den
-    h = (dx1 * sy - sx * dy1) / den
-    q = _mat([[x1 - x0 + g * x1, x3 - x0 + h * x3, x0],
-              [y1 - y0 + g * y1, y3 - y0 + h * y3, y0],
-              [g, h, 1.0]])
-    a, b, c = q[:, 0].unbind(-1)
-    d, e, f = q[:, 1].unbind(-1)
-    gg, hh, ii = q[:, 2].unbind(-1)
-    adj = _mat([[e * ii - f * hh, c * hh - b * ii, b * f - c * e],
-                [f * gg - d * ii, a * ii - c * gg, c * d - a * f],
-                [d * hh - e * gg, b * gg - a * hh, a * e - b * d]])
-    scale = _const(((S - 1.0, 0, 0), (0, S - 1.0, 0), (0, 0, 1)), corners.dtype, corners.device)
-    hm = scale @ adj
-    return hm / hm[:, 2:3, 2:3]
-
-
-def stage_matrices(p: Params, S: int) -> dict[str, torch.Tensor]:
-    """(N,3,3) float64 maps from normalised output coordinates ([-1,1], half-pixel) to the
-    normalised coordinates of each canvas the sequence reads from: 'crop' (the resized,
-    flipped image: equal to the normalised source coordinates), 'rotate' (the crop's
-    output), 'translate' (the rotation's output), 'perspective' (the translation's output).
-    'jitter' maps the canvas the colour jitter sees in the sequence (after flip, pad-crop and
-    rotation) to the source: its contrast pivot is that canvas's mean, black corners included."""
-    n, dev, dt = len(p), p.angle.device, torch.float64
-    eye = torch.eye(3, dtype=dt, device=dev).expand(n, 3, 3)
-    half = S / 2
-    denorm = _const(((half, 0, half), (0, half, half), (0, 0, 1)), dt, dev)
-    norm = _const(((1 / half, 0, -1), (0, 1 / half, -1), (0, 0, 1)), dt, dev)
-    persp = torch.where(p.perspective[:, None, None], _perspective_matrix(p.corners, S), eye)
-    tx, ty = p.translate.unbind(-1)
-    trans = _mat([[1, 0, -tx], [0, 1, -ty], [0, 0, 1]])
-    th = torch.deg2rad(p.angle)
-    c, s = torch.cos(th), torch.sin(th)
-    rot = _mat([[c, -s, half - c * half + s * half], [s, c, half - s * half - c * half], [0, 0, 1]])
-    sx, sy = p.shift.unbind(-1)
-    crop = _mat([[1, 0, sx], [0, 1, sy], [0, 0, 1]])
-    fl = p.flip.to(dt)
-    flip = _mat([[1 - 2 * fl, 0, S * fl], [0, 1, 0], [0, 0, 1]])
-    m_p = persp @ denorm
-    m_t = trans @ m_p
-    m_r = rot @ m_t
-    pre_jitter = norm @ flip @ crop
-    return {"crop": pre_jitter @ m_r, "rotate": norm @ m_r,
-            "translate": norm @ m_t, "perspective": norm @ m_p,
-            "jitter": pre_jitter @ rot @ denorm}
-
 
 def grid_planes(theta: torch.Tensor, S: int, projective: bool, out=None):
     """theta (N,3,3) applied to the half-pixel output grid: the normalised source x and y as
@@ -288,33 +57,42 @@ def grid_from(theta: torch.Tensor, S: int, projective: bool) -> torch.Tensor:
     return torch.stack(grid_planes(theta, S, projective), dim=-1)
 
 
+def _edge_weight_(gx: torch.Tensor, gy: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The weight bilinear sampling with zero padding gives the in-image pixels of an (h, w)
+    image at normalised coordinates (gx, gy): c = prod over axes of clamp(distance to the
+    edge in pixels + 0.5, 0, 1). Computed IN PLACE in gx (gy is clobbered too)."""
+    for g, size in ((gx, hw[1]), (gy, hw[0])):
+        half = size / 2
+        g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
+    return gx.mul_(gy)
+
+
 def _coverage_(gx: torch.Tensor, gy: torch.Tensor, S: int) -> torch.Tensor:
     """(N,S,S) fill weight of an S-canvas sampled at normalised coordinates (gx, gy), as
     torchvision's tensor kernels apply it with fill=0; computed IN PLACE in gx (gy is
     clobbered too).
 
-    Bilinear sampling with zero padding weights the in-canvas pixels by the coverage
-    c = prod over axes of clamp(distance to the edge in pixels + 0.5, 0, 1), and equals c
-    times the edge-clamped ("border") sample; torchvision then multiplies by its sampled
+    Bilinear sampling with zero padding equals the edge weight c (`_edge_weight_`) times
+    the edge-clamped ("border") sample; torchvision then multiplies by its sampled
     ones-mask (c again) to apply the fill. So the sequence's result is border sample * c^2."""
-    half = S / 2
-    for g in (gx, gy):
-        g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
-    cov = gx.mul_(gy)
+    cov = _edge_weight_(gx, gy, (S, S))
     return cov.mul_(cov)
 
 
 class _Workspace(threading.local):
-    """Per-thread CPU buffers for one chunk, reused across calls: fresh multi-MB tensors
-    are page-faulted in on every allocation, which cost more than the arithmetic."""
-    key = None
+    """Per-thread CPU float32 buffers for one chunk, reused across calls: fresh multi-MB
+    tensors are page-faulted in on every allocation, which cost more than the arithmetic."""
 
-    def get(self, m: int, S: int) -> list[torch.Tensor]:
-        if self.key != (m, S):
-            self.key = (m, S)
-            self.planes = torch.empty((5, m, S, S))
-            self.grid = torch.empty((m, S, S, 2))
-        return self.planes, self.grid
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The buffer `name` of `shape` (with `like`'s strides when given)."""
+        t = self.bufs.get(name)
+        if t is None or t.shape != shape or (like is not None and t.stride() != like.stride()):
+            t = torch.empty(shape) if like is None else torch.empty_like(like, dtype=torch.float32)
+            self.bufs[name] = t
+        return t
 
 
 _WORK = _Workspace()
@@ -323,7 +101,7 @@ _WORK = _Workspace()
 # ---------------------------------------------------------------------------- colour
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return x[:, 0:1].mul(_GRAY[0]).add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
+    return x[:, 0:1].mul(LUMA[0]).add_(x[:, 1:2], alpha=LUMA[1]).add_(x[:, 2:3], alpha=LUMA[2])
 
 
 def _blend(x: torch.Tensor, f, a, b, clamp: bool = True, canvas=None) -> torch.Tensor:
@@ -358,15 +136,22 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
+def _pivot_canvas(spec: AugmentSpec, mats) -> torch.Tensor | None:
+    """The grid (N,32,32,2) sampling the sequence's canvas at the jitter (flip, pad-crop and
+    rotation applied, black corners included) for the contrast pivot's grey mean; None:
+    the mean is the whole source image's."""
+    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
+        return grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
+    return None
+
+
 def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Tensor:
-    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1].
+    """Colour jitter (per-sample random op order) and random grayscale on float NCHW in [0,1],
+    torchvision's ops one by one (spec.colour_mode "exact").
 
     `mats` (from stage_matrices): take the contrast pivot over the sequence's canvas at the
-    jitter (flip, pad-crop and rotation applied, black corners included) sampled on a 32x32
-    grid, instead of over the whole source image."""
-    canvas = None
-    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
-        canvas = grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
+    jitter (`_pivot_canvas`) instead of over the whole source image."""
+    canvas = _pivot_canvas(spec, mats)
     if spec.jitter:
         order = p.order
         is_hue = order == 3
@@ -394,17 +179,52 @@ def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Te
     return x
 
 
+def fast_colour_map(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None, unit: float = 1.0,
+                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jitter and grayscale as ONE per-sample affine colour map, A (N,3,3) and b (N,3)
+    float32 with y = A @ x + b (`params.colour_affine`: no clamps between ops, hue as a
+    rotation about the grey axis), for float images x (N,3,H,W) whose white is `unit` (1 or
+    255), with a per-channel `scale` (3,) (1/std) folded in (spec.colour_mode "fast").
+    `mats`: the contrast pivot over the sequence's canvas, as in `colour`."""
+    n, _, h, w = x.shape
+    canvas = _pivot_canvas(spec, mats)
+    if not (spec.jitter and spec.contrast > 0):          # no pivot needed
+        mean_rgb, cover = x.new_zeros(n, 3), x.new_ones(n)
+    elif canvas is None:
+        mean_rgb, cover = x.mean(dim=(2, 3)) / unit, x.new_ones(n)
+    else:
+        mean_rgb = F.grid_sample(x, canvas, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False).mean(dim=(2, 3)) / unit
+        cover = _edge_weight_(canvas[..., 0].clone(), canvas[..., 1].clone(), (h, w)).mean(dim=(1, 2))
+    A, b = colour_affine(p, spec, mean_rgb, cover)
+    A = A / unit
+    if scale is not None:
+        A, b = A * scale.to(A.dtype).view(1, 3, 1), b * scale.to(b.dtype)
+    return A.to(torch.float32), b.to(torch.float32)
+
+
 # ---------------------------------------------------------------------------- entry points
 
-def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,H,W,3) or (N,3,H,W) -> contiguous float32 NCHW in [0,1]."""
+def _nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8/float (N,H,W,3) or (N,3,H,W) -> an (N,3,H,W) view (no copy), checked."""
     if images.dim() != 4:
         raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(images.shape)}")
     x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.shape[1] != 3 else images
     if x.shape[1] != 3:
         raise ValueError(f"expected 3-channel RGB images, got shape {tuple(images.shape)}")
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)   # planes: per-channel ops vectorise
-    return x.mul_(1 / 255) if images.dtype == torch.uint8 else x
+    return x
+
+
+def _float_source(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Images from `_nchw` -> contiguous float32 NCHW in [0,1] (planes: per-channel ops
+    vectorise), shrunk to S x S with antialiasing when larger (bilinear sampling alone
+    would alias)."""
+    f = x.to(torch.float32, memory_format=torch.contiguous_format)
+    if x.dtype == torch.uint8:
+        f.mul_(1 / 255)
+    if f.shape[-2] > S or f.shape[-1] > S:
+        f = F.interpolate(f, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+    return f
 
 
 class _CpuPool:
@@ -412,7 +232,7 @@ class _CpuPool:
 
     Why: on CPU, intra-op (OpenMP) parallelism pays a barrier per op, and this pipeline is
     a few hundred small ops per batch; on a shared machine a descheduled team thread
-    stalls every one of them (see "CPU threading" above). Coarse parallelism, one
+    stalls every one of them (docs/loaders.md, "CPU threading"). Coarse parallelism, one
     independent range of the batch per thread, has no per-op barrier. `torch.set_num_threads` is per OpenMP thread plus one
     process-wide default, so the workers set 1 for themselves and the caller's setting is
     restored before the pool is used."""
@@ -468,17 +288,16 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     """`augment` with given parameters (None: no augmentation, resize + normalise only)."""
     if p is None and images.dtype == torch.uint8 and images.device.type == "cpu":
         return _resize_uint8(images, spec, dtype)
-    x = to_float_nchw(images)
+    x = _nchw(images)
     n, S, dev = x.shape[0], spec.size, x.device
-    if x.shape[-2] > S or x.shape[-1] > S:          # shrink first: bilinear sampling would alias
-        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
     geometric = p is not None and any(getattr(spec, a) for a in
                                       ("flip", "crop", "rotate", "translate", "perspective"))
     mats = None
     if p is not None:
         p = p.to(dev)
         mats = stage_matrices(p, S) if geometric else None
-    if not geometric and x.shape[-2:] != (S, S):    # resize only: identity in normalised coords
+    small = max(x.shape[-2:]) <= S                  # else shrunk to S x S first
+    if not geometric and small and x.shape[-2:] != (S, S):  # resize: identity, normalised coords
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
     out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
     job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping)
@@ -500,8 +319,8 @@ def _resize_uint8(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -
     x = x.contiguous(memory_format=torch.channels_last)
     if x.shape[-2:] != (S, S):
         x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
-    scale = _const(tuple(1 / (255 * s) for s in spec.std), torch.float32, x.device).view(1, 3, 1, 1)
-    bias = _const(tuple(-m / s for m, s in zip(spec.mean, spec.std)), torch.float32,
+    scale = const(tuple(1 / (255 * s) for s in spec.std), torch.float32, x.device).view(1, 3, 1, 1)
+    bias = const(tuple(-m / s for m, s in zip(spec.mean, spec.std)), torch.float32,
                   x.device).view(1, 3, 1, 1)
     out = torch.empty((x.shape[0], 3, S, S), dtype=dtype, memory_format=torch.channels_last)
     return torch.addcmul(bias, x, scale, out=out)
@@ -509,49 +328,65 @@ def _resize_uint8(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -
 
 def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_all,
                  geometric: bool, emulate_clipping: bool, lo: int, hi: int) -> None:
-    """Colour, warp and normalise images lo..hi of the batch into out_all[lo:hi]."""
-    x, out, S, dev = x_all[lo:hi], out_all[lo:hi], spec.size, x_all.device
-    p = None if p_all is None else p_all[lo:hi]
-    mats = None if mats_all is None else {k: v[lo:hi] for k, v in mats_all.items()}
-    mean = _const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
-    inv_std = _const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
+    """Colour, warp and normalise images lo..hi of the batch (an `_nchw` view) into
+    out_all[lo:hi]: colour on the source planes (with 1/std), one warp, then the fill mask
+    and -mean/std in one addcmul and the channels_last layout in one copy.
+
+    CPU: chunks of a few images through reused buffers keep every temporary in cache and
+    avoid page-faulting fresh memory each batch (about 2x faster than one pass over the
+    batch). CUDA: the whole range at once, buffers from the caching allocator."""
+    S, dev, cpu = spec.size, x_all.device, x_all.device.type == "cpu"
+    mean = const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
+    inv_std = const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
     bias = -mean * inv_std
-    if p is not None:
-        x = colour(x, p, spec, mats if geometric else None)
-    x = (x * inv_std).contiguous()                   # fill 0 stays 0; bias added at the end
-    if mats is None:                                 # already S x S, nothing to resample
-        out.copy_(x.add_(bias))
-        return
-    n = x.shape[0]
+    fast = p_all is not None and spec.colour_mode == "fast"
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
                                 ("perspective", spec.perspective)) if on and emulate_clipping
               and geometric]
-    # CPU: chunks of a few images through reused buffers keep every temporary in cache
-    # and avoid page-faulting fresh memory each batch (about 2x faster than one pass over
-    # the batch). CUDA: the whole batch at once, buffers from the caching allocator.
-    step = n if dev.type != "cpu" else _CPU_CHUNK
-    m0 = min(n, step)
-    if dev.type == "cpu":
-        planes, grid = _WORK.get(m0, S)
-    else:
-        planes = torch.empty((5, m0, S, S), device=dev)
-        grid = torch.empty((m0, S, S, 2), device=dev)
+    step = _CPU_CHUNK if cpu else hi - lo
+    m0 = min(hi - lo, step)
+
+    def work(name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
+        if cpu:
+            return _WORK.get(name, shape, like)
+        return torch.empty(shape, device=dev) if like is None else torch.empty_like(like, dtype=torch.float32)
+    planes, grid = work("planes", (5, m0, S, S)), work("grid", (m0, S, S, 2))
     proj = spec.perspective and geometric
-    for i in range(0, n, step):
-        sl, m = slice(i, min(n, i + step)), min(n, i + step) - i
+    for i in range(lo, hi, step):
+        sl, m = slice(i, min(hi, i + step)), min(hi, i + step) - i
+        p = None if p_all is None else p_all[sl]
+        mats = None if mats_all is None else {k: v[sl] for k, v in mats_all.items()}
+        if fast:     # one matmul: colour, 1/255 and 1/std; it also writes NCHW planes
+            x = work("src", (m0, *x_all.shape[1:]), x_all[lo:lo + m0])[:m].copy_(x_all[sl])
+            if max(x.shape[-2:]) > S:            # shrink first: bilinear sampling would alias
+                x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+            n, _, h, w = x.shape
+            unit = 255.0 if x_all.dtype == torch.uint8 else 1.0
+            A, b = fast_colour_map(x, p, spec, mats if geometric else None, unit, inv_std.view(3))
+            x = torch.baddbmm(b[:, :, None], A, x.view(n, 3, h * w),   # either layout: GEMM
+                              out=work("colour", (m0, 3, h * w))[:m]).view(n, 3, h, w)
+            x = torch.clamp(x, torch.zeros_like(inv_std), inv_std, out=x)   # [0, 1] / std
+        else:
+            x = _float_source(x_all[sl], S)
+            if p is not None:
+                x = colour(x, p, spec, mats if geometric else None)
+            x = x * inv_std                      # fill 0 stays 0; bias added at the end
+        if mats is None:                         # already S x S, nothing to resample
+            out_all[sl].copy_(x.add_(bias))
+            continue
         P, g = planes[:, :m], grid[:m]
-        gx, gy = grid_planes(mats["crop"][sl], S, proj, out=(P[0], P[1], P[2]))
+        gx, gy = grid_planes(mats["crop"], S, proj, out=(P[0], P[1], P[2]))
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
-        w = torch.grid_sampler_2d(x[sl], g, 0, 1, False)   # bilinear, border, half-pixel
+        w = torch.grid_sampler_2d(x, g, 0, 1, False)   # bilinear, border, half-pixel
         if geometric:                            # (a plain resize never leaves the canvas)
             mask = _coverage_(gx, gy, S)         # in P[0]
             for st in stages:                    # the sequence's intermediate canvases
-                mask.mul_(_coverage_(*grid_planes(mats[st][sl], S, proj, out=(P[2], P[3], P[4])), S))
+                mask.mul_(_coverage_(*grid_planes(mats[st], S, proj, out=(P[2], P[3], P[4])), S))
             torch.addcmul(bias, w, mask.unsqueeze(1), out=w)
         else:
             w.add_(bias)
-        out[sl].copy_(w)                         # NCHW -> channels_last (+ dtype) in one copy
+        out_all[sl].copy_(w)                     # NCHW -> channels_last (+ dtype) in one copy
 
 
 def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
@@ -567,10 +402,32 @@ def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator 
     return apply(images, spec, p, dtype, emulate_clipping)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name, core count and widest vector ISA (for benchmark headers)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name":
+                    name = val.strip()
+                elif key.strip() == "flags":
+                    flags = set(val.split())
+                    break
+    except OSError:
+        pass
+    isa = [x for x, flag in (("AMX", "amx_tile"), ("AVX512", "avx512f"), ("AVX2", "avx2"))
+           if flag in flags]
+    return f"{name}, {os.cpu_count()} cores, {'/'.join(isa) or 'no AVX2'}"
+
+
 def _main(argv=None) -> None:
-    """Augmentation-only throughput on an in-memory uint8 batch (no data loading):
+    """Augmentation-only throughput on an in-memory uint8 batch (no data loading), each
+    configuration timed in interleaved rounds, median round reported:
     python -m loaders.augment [--device cuda] [--size 128] [--source 32] [--batch-size 256]"""
     import argparse
+    import dataclasses
+    import statistics
     import time
 
     ap = argparse.ArgumentParser(description=_main.__doc__)
@@ -578,7 +435,8 @@ def _main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128, help="training size")
     ap.add_argument("--source", type=int, default=32, help="stored image size (CIFAR: 32)")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=10, help="batches per timed round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a = ap.parse_args(argv)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -586,24 +444,37 @@ def _main(argv=None) -> None:
     x = torch.randint(0, 256, (a.batch_size, a.source, a.source, 3), dtype=torch.uint8,
                       generator=g, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    spec = AugmentSpec(size=a.size)
-    for name, kw in (("full spec, keep content", {}), ("full spec, emulate clipping",
-                     {"emulate_clipping": True}), ("augment off (resize + normalise)",
-                                                   {"train": False})):
-        for _ in range(3):
-            augment(x, spec, g, dtype, **kw)
-        times = []
-        for _ in range(3):
+    fast = AugmentSpec(size=a.size, colour_mode="fast")
+    exact = dataclasses.replace(fast, colour_mode="exact")
+    configs = {"full spec, exact colour": (exact, {}),
+               "full spec, fast colour": (fast, {}),
+               "full spec, fast colour, emulate clipping": (fast, {"emulate_clipping": True}),
+               "augment off (resize + normalise)": (fast, {"train": False})}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    cpu_times: dict[str, list[float]] = {k: [] for k in configs}
+    for name, (spec, kw) in configs.items():             # warm-up
+        augment(x, spec, g, dtype, **kw)
+    for _ in range(a.rounds):
+        for name, (spec, kw) in configs.items():
             sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(a.batches):
                 augment(x, spec, g, dtype, **kw)
             sync()
-            times.append(time.perf_counter() - t)
-        best = sorted(times)[1]
-        print(f"augment-only {name:34s} {a.source}->{a.size}px batch {a.batch_size} on {dev} "
-              f"({a.dtype}, {torch.get_num_threads()} threads): "
-              f"{a.batches * a.batch_size / best:,.0f} images/s")
+            times[name].append(time.perf_counter() - t)
+            cpu_times[name].append(time.process_time() - c)
+    where = _cpu_name() if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print(f"augment-only images/s, {a.source}->{a.size}px, batch {a.batch_size}, {a.dtype}, "
+          f"on {dev} ({where}), {torch.get_num_threads()} threads, median of {a.rounds} "
+          f"interleaved rounds of {a.batches} batches; per wall-clock second and per second "
+          f"of this process's CPU time (steadier on a shared machine)")
+    rates = {}
+    for name in configs:
+        n = a.batches * a.batch_size
+        rates[name] = (n / statistics.median(times[name]), n / statistics.median(cpu_times[name]))
+        print(f"  {name:42s} {rates[name][0]:9,.0f} wall {rates[name][1]:9,.0f} cpu")
+    f, e = rates["full spec, fast colour"], rates["full spec, exact colour"]
+    print(f"  fast / exact colour: {f[0] / e[0]:.2f}x wall, {f[1] / e[1]:.2f}x cpu")
 
 
 if __name__ == "__main__":

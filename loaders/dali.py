@@ -1,98 +1,18 @@
-"""NVIDIA DALI loader: the spec's augmentations in one DALI pipeline, one warp per image.
+"""NVIDIA DALI loader (`--loader dali`): decode and the whole spec in one DALI pipeline.
 
-One pipeline definition (`dali_pipeline`), parameterised by device: on a CUDA device the
-JPEGs are decoded on the GPU (`fn.decoders.image(device="mixed")`) and every image op runs
-on "gpu"; with no GPU the same graph runs on the CPU (`device_id=None`, ops on "cpu"). The
-per-sample parameters are CPU argument inputs either way.
-
-Per training sample:
-
-1. read: `fn.readers.file` over a list of the dataset cache's files laid out per epoch
-   and rank (see Epochs), sharded by DALI (`shard_id`/`num_shards`); the last batch
-   policy (`drop_last`: drop the ragged batch, else pad it and trim on delivery) is
-   applied per epoch in that layout; decode to RGB uint8 at the source size.
-2. parameters: one vector of uniform draws per sample (`DrawFeed`, through
-   `fn.external_source`: a numpy generator keyed by (seed, rank, epoch, batch), so every
-   epoch replays on its own; `fn.random.uniform` when no feed is given) mapped to the
-   spec's parameters with torchvision v2's distributions, and the per-sample 3x3 warp
-   matrix, by one vectorised numpy call per batch (`Draws`, via `fn.python_function`).
-   DALI charges about a millisecond per operator per batch on the CPU, and composing the
-   matrix from `fn.transforms.*` and arithmetic took ~60 tiny operators (measured: ~25 ms
-   per batch of 256, more than the warp); the numpy call costs ~2 ms.
-3. colour at the source size, before the upscaling warp (32x32 for CIFAR instead of
-   128x128: 16x fewer pixels): `fn.hsv` (hue; saturation, with grayscale folded in as
-   saturation 0: the same luma blend), then `fn.brightness_contrast` pivoting on the
-   image's grey mean (torchvision's pivot; DALI's default pivots on grey 128).
-4. normalise at the working size (`fn.crop_mirror_normalize`, float32), still before the
-   upscale; fewer pixels again, and the warp then needs no uint8 round trip.
-5. ONE resampling for the whole geometry: resize to the training size, flip, pad-crop
-   offset, rotation, translation and (with p per sample) perspective composed into one
-   matrix and applied by `fn.experimental.warp_perspective` (bilinear, corner pixel
-   origin, filled with the normalised value of black per channel). Also when the spec or
-   the sample has no perspective: DALI 2.4's CPU `warp_affine` measured ~4x slower than
-   `warp_perspective` here (850 vs 3400 images/s, 32->128).
-6. the engine's dtype: float32 (CPU), float16 cast in the pipeline; DALI has no bfloat16,
-   so that is float32 converted by torch on the device. The iterator hands over DALI's NHWC buffer
-   (dlpack, no copy); the loader returns its NCHW permutation, which is channels_last.
-
-Validation, and training with every augmentation off: decode, normalise, and the same warp
-as a plain resize (edges clamped, as the reference's resize does); no warp at all when the
-sources already have the training size (flip alone then mirrors in crop_mirror_normalize).
-Sources larger than the training size are resized first (`fn.resize`, antialiased, like
-the reference) and coloured and warped at the training size.
-
-Differences from the reference (torchvision v2, `loaders/torchvision.py`), by design and
-measured in tests/test_dali.py:
-
-- Order. The report resizes first and applies ColorJitter/Grayscale between rotation and
-  translation. Here, with sources no larger than the training size, colour comes first, at
-  the source size. Per-pixel colour maps commute with resampling except (a) at the black
-  fill: the reference jitters the pad/rotation fill too (contrast lifts black to
-  (1-c)*mean), here it stays black, and (b) the contrast pivot: the reference's grey mean
-  includes that fill, here it is the source's own mean.
-- ColorJitter applies b, c, s, h in a random order per image and truncates to uint8 after
-  each; here hsv then brightness+contrast, rounded. The linear parts commute (saturation
-  and hue keep luma, the mean pivot scales with brightness): each op alone matches within
-  1 level; together mean ~1.7, p99 ~10 levels where clipping between ops differs (the
-  reference in another order differs from itself by mean 0.7, p99 8).
-- Hue: DALI's hsv rotates chroma in YIQ, a linear approximation of torchvision's exact HSV
-  shift; at the spec's +-0.05 turn, mean 1.9 / p99 17 levels on CIFAR-10, more on very
-  saturated colours. DALI has no exact HSV op; not matched.
-- One warp instead of a sequence: content one step moves out of the frame and a later
-  step brings back is black in the sequence but real content here (kept; ~7% of the
-  pixels on average at the spec's defaults, up to ~20%). Where the frame's edge is in
-  view the warp blends it into the fill over half a source pixel (2 output pixels at 4x);
-  the reference's resize clamps and only its later steps blend (~1 pixel); ~0.5% of the
-  pixels at the defaults. Elsewhere the warp matches the step-by-step sequence within 2-3
-  levels (the sequence resamples up to four times and rounds after each).
-- Random draws follow torchvision's: integer crop offsets, integer perspective corner
-  offsets in [0, int(d*size/2)], translations uniform then rounded (floor(x + 0.5); DALI
-  2.4 has no `fn.round`), torchvision's perspective coefficients (start points at the
-  corner pixels' indices, used as corner-origin coordinates) in closed form.
-- EXIF orientation is not applied (the reference's `decode_image` does not either).
-
-Epochs: DALI's reader can reshuffle by itself (`shuffle_after_epoch`, seeded), but only
-along its own sequence of epochs, so `set_epoch(n)` could not select epoch n. Instead the
-reader reads a file list that this loader lays out for a block of consecutive epochs
-(up to 16, at most ~400k entries: ~0.7 s to build): epoch e is the permutation
-`epoch_indices` gives every loader for (seed, e) - the reference loader's order -
-truncated to a multiple of the world size when training; rank r's share is its r-th
-contiguous block, cut to whole batches (the ragged tail dropped, or padded with its last
-sample and trimmed on delivery: the last-batch policy); the ranks' streams are laid back
-to back, equally long, and DALI's sharding (shard_id=rank, num_shards=world) hands each
-rank its own. Consecutive epochs continue the same pipeline (its read-ahead is the next
-epoch's first batches, not waste); `set_epoch(n)` out of sequence, or leaving an epoch
-early, starts a new block at n, and since the draws are keyed by epoch and batch, epoch n
-comes out identical either way (also after a restart). Tearing a pipeline down is
-followed by `malloc_trim`: DALI's executor threads allocate from many glibc arenas, and
-without it rebuilding grew the RSS by ~5 MB per pipeline.
-
-Bad input: the dataset cache drops files it cannot decode at ingest. A file that fails in
-DALI anyway (changed since, or rejected by DALI's decoder) fails a batch; the loader then
-finds it (DALI's reader errors name the file; its decoder errors do not, so it checks the
-remaining files with PIL, then with DALI's decoder one by one), warns with the names,
-drops them for the rest of the run and resumes the epoch where it stopped, on a pipeline
-over this rank's remaining samples. The epoch is short of those samples, never aborted.
+One pipeline definition (`dali_pipeline`) for both devices: on CUDA, JPEG decode on the GPU
+("mixed") and every image op on "gpu"; without a GPU the same graph on the CPU
+(`device_id=None`). Per sample: read this rank's file list (`fn.readers.file`), decode,
+per-sample parameters and warp matrix from `loaders.params` (uniforms from `DrawFeed`,
+keyed by (seed, rank, epoch, batch); one `fn.python_function` call per batch), colour at
+the source size (`fn.hsv`: DALI's YIQ hue rotation, saturation with grayscale folded in;
+`fn.brightness_contrast` pivoting on the image's grey mean), normalise, then ONE
+`fn.experimental.warp_perspective` for the resize and the whole geometry. Epochs: the loader
+lays out one file list of this rank's `base.epoch_indices` for a block of consecutive
+epochs, so `set_epoch(n)` replays epoch n exactly. A file DALI cannot decode is found,
+named in a warning and replaced by the next readable sample for the rest of the run
+(`DaliLoader`). The pipeline step by step, the differences from the reference (op order,
+hue, one warp) and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -106,9 +26,9 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from loaders.base import EpochLoader, LoaderOptions, batch_seed, batches_per_epoch
-from loaders.spec import AugmentSpec
+from loaders.params import NCOLS, params_from_uniforms, warp_matrix
+from loaders.spec import LUMA, AugmentSpec
 
-LUMA = (0.299, 0.587, 0.114)      # ITU-R 601 luma (torchvision uses 0.2989, 0.587, 0.114)
 READER = "Reader"
 GEOMETRY = ("crop", "rotate", "translate", "perspective")   # ops the single warp composes
 
@@ -131,36 +51,30 @@ def _trim_heap() -> None:
 # ------------------------------------------------------- random parameters and matrices
 
 class Draws:
-    """Maps per-sample uniform draws in [0, 1) to the spec's random parameters, with
-    torchvision v2's distributions, and builds each sample's warp matrix. Runs inside the
-    pipeline as one vectorised `fn.python_function` call per batch; the tests use it to
-    recover the parameters behind each output."""
+    """The pipeline's `fn.python_function` body, one vectorised call per batch: the uniform
+    draws -> the spec's per-sample parameters and warp matrices (`loaders.params`, the
+    mapping augment.py uses, in torch on the CPU) -> DALI's operator arguments."""
 
     def __init__(self, spec: AugmentSpec, train: bool = True, scale_src: bool = True,
                  src_hw: tuple[int, int] | None = None):
         """`scale_src`: the warp also resizes the source to the training size; `src_hw`:
         the sources' common (height, width), or None when sizes vary (then the pipeline
         passes each image's shape)."""
-        self.spec, self.scale_src, self.src_hw = spec, scale_src, src_hw
-        on = (lambda name: train and getattr(spec, name))
-        self.geometric = any(on(op) for op in GEOMETRY)
-        self.jitter = on("jitter")
-        self.colour = on("jitter") or on("grayscale")
-        widths = {"flip": 1, "crop": 2, "rotate": 1, "translate": 2, "perspective": 9,
-                  "grayscale": 1, "jitter": 4}
-        self.slots, k = {}, 0
-        for name, w in widths.items():
-            if on(name):
-                self.slots[name] = slice(k, k + w)
-                k += w
-        self.width = k
+        self.spec = spec if train else spec.without()
+        self.scale_src = scale_src
+        self.src_hw = src_hw if scale_src else (spec.size, spec.size)
+        sp = self.spec
+        self.geometric = any(getattr(sp, op) for op in GEOMETRY)
+        self.jitter = sp.jitter
+        self.colour = sp.jitter or sp.grayscale
+        self.width = NCOLS if sp.any_enabled else 0
         # What the pipeline needs from this object, per batch.
         self.warp = self.geometric or scale_src
         self.shape_input = scale_src and src_hw is None
         self.outputs = []
-        if self.warp and (self.geometric or "flip" in self.slots or self.shape_input):
+        if self.warp and (self.geometric or sp.flip or self.shape_input):
             self.outputs.append("matrix")
-        elif not self.warp and "flip" in self.slots:
+        elif not self.warp and sp.flip:
             self.outputs.append("mirror")
         if self.colour:
             self.outputs += ["hue", "saturation"]
@@ -169,123 +83,32 @@ class Draws:
 
     def constant_matrix(self) -> list[float]:
         """The warp's matrix when it is the same for every sample (a plain resize)."""
-        return self.matrices({"n": 1})[0].astype(np.float32).ravel().tolist()
-
-    # ---- parameters
-    def params(self, u: np.ndarray) -> dict[str, np.ndarray]:
-        """{name: (N, ...) array} from draws u of shape (N, width)."""
-        sp, u = self.spec, np.asarray(u, np.float64)
-        u = u.reshape(len(u), -1)
-        n, s, out = len(u), float(sp.size), {}
-        take = (lambda name: u[:, self.slots[name]])
-        if "flip" in self.slots:
-            out["flip"] = take("flip")[:, 0] < sp.flip_p
-        if "crop" in self.slots:                      # RandomCrop: integer offsets 0..2p
-            out["crop"] = np.floor(take("crop") * (2 * sp.crop_padding + 1))   # (x=j, y=i)
-        if "rotate" in self.slots:
-            out["angle"] = sp.rotate_degrees * (2 * take("rotate")[:, 0] - 1)
-        if "translate" in self.slots:                 # RandomAffine rounds its shifts
-            out["translate"] = np.floor(sp.translate_frac * s * (2 * take("translate") - 1) + 0.5)
-        if "perspective" in self.slots:               # RandomPerspective: p, then corners
-            v = take("perspective")
-            bw = int(sp.perspective_distortion * (sp.size // 2)) + 1
-            out["perspective"] = v[:, 0] < sp.perspective_p
-            out["corners"] = np.floor(v[:, 1:] * bw) * out["perspective"][:, None]
-        if "grayscale" in self.slots:
-            out["gray"] = take("grayscale")[:, 0] < sp.grayscale_p
-        if "jitter" in self.slots:                    # ColorJitter factors and hue
-            v = take("jitter")
-            for j, (name, r) in enumerate((("brightness", sp.brightness),
-                                           ("contrast", sp.contrast),
-                                           ("saturation", sp.saturation))):
-                lo = max(0.0, 1 - r)
-                out[name] = lo + (1 + r - lo) * v[:, j]
-            out["hue"] = sp.hue * (2 * v[:, 3] - 1)   # turns
-        out["n"] = n
-        return out
-
-    # ---- geometry
-    def matrices(self, p: dict, src_hw: np.ndarray | None = None) -> np.ndarray:
-        """(N, 3, 3) forward (source -> output) matrices in corner-origin pixel coordinates:
-        resize (when the source is warped directly), flip, pad-crop offset, rotation about
-        the centre, translation, then perspective, composed in the report's order."""
-        sp, n, s = self.spec, p["n"], float(self.spec.size)
-        m = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
-        if self.scale_src:
-            hw = np.asarray(self.src_hw if src_hw is None else src_hw, np.float64)
-            hw = np.broadcast_to(hw.reshape(-1, hw.shape[-1])[:, :2], (n, 2))
-            m[:, 0, 0], m[:, 1, 1] = s / hw[:, 1], s / hw[:, 0]
-        if "flip" in p:
-            m = _affine(np.where(p["flip"], -1.0, 1.0), 0.0, np.where(p["flip"], s, 0.0),
-                        0.0, 1.0, 0.0) @ m
-        if "crop" in p:
-            d = sp.crop_padding - p["crop"]
-            m = _affine(1.0, 0.0, d[:, 0], 0.0, 1.0, d[:, 1]) @ m
-        if "angle" in p:
-            # torchvision: positive angle = counter-clockwise on screen (y points down),
-            # about the image centre (s/2, s/2 in corner-origin coordinates).
-            a = np.radians(p["angle"])
-            cs, sn, c = np.cos(a), np.sin(a), s / 2
-            m = _affine(cs, sn, c - cs * c - sn * c, -sn, cs, c + sn * c - cs * c) @ m
-        if "translate" in p:
-            t = p["translate"]
-            m = _affine(1.0, 0.0, t[:, 0], 0.0, 1.0, t[:, 1]) @ m
-        if "corners" in p:
-            m = perspective_matrix(p["corners"], sp.size) @ m
-        return m
+        p = params_from_uniforms(torch.zeros(1, NCOLS), self.spec.without())
+        return warp_matrix(p, self.spec.size, self.src_hw)[0].to(torch.float32).ravel().tolist()
 
     def __call__(self, u, *rest):
         """fn.python_function body: (draws[, image shapes][, channel means]) -> one list of
         per-sample arrays for each name in `self.outputs`."""
-        p = self.params(np.stack(u))
+        p = params_from_uniforms(torch.from_numpy(np.stack(u)), self.spec)
         rest = list(rest)
-        shapes = np.stack(rest.pop(0)) if self.shape_input else None
-        n, outs = p["n"], {}
+        n, outs = len(p), {}
+        if self.shape_input:
+            hw = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, -1)[:, :2].astype(np.float64))
+        else:
+            hw = self.src_hw
         if "matrix" in self.outputs:
-            outs["matrix"] = self.matrices(p, shapes).astype(np.float32)
+            outs["matrix"] = warp_matrix(p, self.spec.size, hw)
         if "mirror" in self.outputs:
-            outs["mirror"] = p["flip"].astype(np.int32)
-        if self.colour:
-            sat = p.get("saturation", np.ones(n))
-            if "gray" in p:                       # grayscale = saturation 0 (same luma)
-                sat = sat * ~p["gray"]
-            outs["hue"] = p.get("hue", np.zeros(n)) * 360.0         # turns -> degrees
-            outs["saturation"] = sat
+            outs["mirror"] = p.flip.to(torch.int32)
+        if self.colour:                  # grayscale = saturation 0 (the same luma blend)
+            outs["hue"] = p.hue * 360.0                                 # turns -> degrees
+            outs["saturation"] = p.saturation * ~p.grayscale
         if self.jitter:
-            means = np.stack(rest.pop(0)).reshape(n, 3).astype(np.float64)
-            outs.update(brightness=p["brightness"], contrast=p["contrast"],
-                        grey=means @ np.asarray(LUMA))
-        return tuple([np.asarray(v, np.float32 if k != "mirror" else np.int32)
-                      for v in outs[k]] for k in self.outputs)
-
-
-def _affine(a, b, c, d, e, f) -> np.ndarray:
-    """(N, 3, 3) affine matrices from per-sample (or scalar) coefficients."""
-    a, b, c, d, e, f = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (a, b, c, d, e, f)))
-    one, zero = np.ones_like(a), np.zeros_like(a)
-    return np.stack([np.stack([a, b, c], -1), np.stack([d, e, f], -1),
-                     np.stack([zero, zero, one], -1)], -2)
-
-
-def perspective_matrix(corners: np.ndarray, size: int) -> np.ndarray:
-    """torchvision's RandomPerspective as forward (N, 3, 3) matrices.
-
-    torchvision maps its start points (0,0), (w-1,0), (w-1,h-1), (0,h-1) to end points moved
-    inwards by the integer `corners` offsets (x0,y0, x1,y1, x2,y2, x3,y3: top-left,
-    top-right, bottom-right, bottom-left) and samples with those coefficients in
-    corner-origin coordinates. Built in closed form as rect -> unit square -> quad."""
-    o = np.asarray(corners, np.float64).reshape(-1, 8)
-    e = float(size - 1)
-    x0, y0, x1, y1 = o[:, 0], o[:, 1], e - o[:, 2], o[:, 3]
-    x2, y2, x3, y3 = e - o[:, 4], e - o[:, 5], o[:, 6], e - o[:, 7]
-    sx, sy = x0 - x1 + x2 - x3, y0 - y1 + y2 - y3
-    dx1, dx2, dy1, dy2 = x1 - x2, x3 - x2, y1 - y2, y3 - y2
-    den = dx1 * dy2 - dx2 * dy1
-    g, h = (sx * dy2 - dx2 * sy) / den, (dx1 * sy - sx * dy1) / den
-    quad = np.stack([np.stack([x1 - x0 + g * x1, x3 - x0 + h * x3, x0], -1),
-                     np.stack([y1 - y0 + g * y1, y3 - y0 + h * y3, y0], -1),
-                     np.stack([g, h, np.ones_like(g)], -1)], -2)
-    return quad @ np.diag([1 / e, 1 / e, 1.0])
+            means = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, 3).astype(np.float64))
+            outs.update(brightness=p.brightness, contrast=p.contrast,
+                        grey=means @ torch.tensor(LUMA, dtype=torch.float64))
+        return tuple([np.asarray(v) for v in outs[k].numpy().astype(
+            np.int32 if k == "mirror" else np.float32)] for k in self.outputs)
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -329,6 +152,8 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         if draws.jitter:
             means = fn.reductions.mean(img, axes=[0, 1], dtype=types.FLOAT)
             inputs.append(means.cpu() if device == "gpu" else means)   # GPU -> CPU: 3 floats
+        # One Python call per batch: ~60 fn.transforms.* operators cost more than the warp
+        # (docs/loaders.md, "The pipeline").
         outs = fn.python_function(*inputs, function=draws, batch_processing=True,
                                   num_outputs=len(draws.outputs))
         outs = dict(zip(draws.outputs, outs if len(draws.outputs) > 1 else [outs]))
@@ -336,7 +161,7 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         mirror = outs.get("mirror", mirror)
         if draws.colour:
             img = fn.hsv(img, hue=outs["hue"], saturation=outs["saturation"])
-        if draws.jitter:
+        if draws.jitter:         # torchvision's pivot, the grey mean (DALI's default: 128)
             img = fn.brightness_contrast(img, brightness=outs["brightness"],
                                          contrast=outs["contrast"], contrast_center=outs["grey"])
     # Normalise at the working size (before upscaling: fewer pixels); the warp then fills
@@ -347,10 +172,11 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
                                    std=[255.0 * v for v in spec.std])
     if mtx is not None:
         # Augmenting: black (normalised) outside the frame; a plain resize clamps, like the
-        # reference's resize.
+        # reference's resize. warp_perspective even without perspective: DALI 2.4's CPU
+        # warp_affine measured ~4x slower (docs/loaders.md). The matrix maps output -> source.
         border = {"fill_value": [-m / v for m, v in zip(spec.mean, spec.std)]} \
             if draws.geometric else {"border_mode": "replicate"}
-        img = fn.experimental.warp_perspective(img, matrix=mtx, size=[s, s], inverse_map=False,
+        img = fn.experimental.warp_perspective(img, matrix=mtx, size=[s, s], inverse_map=True,
                                                pixel_origin="corner",
                                                interp_type=types.INTERP_LINEAR, **border)
     if out_dtype != types.FLOAT:

@@ -1,37 +1,17 @@
 """Data sources, ingested once into a cache that every loader builds its own format from.
 
-Sources (`--data`):
-- `synthetic` (default): a deterministic built-in 10-class dataset of 32x32 colour images
-  (shapes and textures with random colour, scale, position, rotation and background
-  clutter), written on first use as JPEG files so the real decode path runs.
-- `imagefolder:PATH`: PATH/train and PATH/val (or PATH/test), one folder per class. PATH
-  may also be a .tar/.tar.gz archive of that layout: it is unpacked once into the cache
-  (keyed on the archive's path, size and mtime) and read from there.
-- `cifar10:PATH`: the standard python pickle batches (PATH or PATH/cifar-10-batches-py).
-
-The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds `manifest.json`: the
-source's fingerprint, the classes, and per split the image paths, labels and sizes. It is
-rebuilt only when the fingerprint changes and always written atomically. Loaders read
-`Split.paths`/`Split.labels` (DALI's file reader, the FFCV .beton writer) or
-`decoded(split)` (one uint8 NHWC array, cached as .npy, for the device-resident loader).
-
-Bad data (imagefolder). Images that can be converted are: grayscale, RGBA (composited on
-black), palette, 16-bit and other formats become RGB PNG in the cache, once; tiny (1x1) and
-large images are kept as they are (each loader resizes). Everything else is skipped and
-reported with a reason: zero-byte, truncated or corrupt files, files with an image
-extension but other content, files that cannot be read (permissions, I/O errors), broken
-symlinks, symlink loops, and anything with an image extension that is not a regular file
-(a FIFO would block a reader forever). A class folder with no usable image in either split
-is dropped from the class list of BOTH splits (labels stay consistent) and reported. Files
-without an image extension and hidden files are ignored, as torchvision's ImageFolder
-does. `Dataset.report()` is the list of (path, reason); `load_dataset(..., strict=True)`
-turns a non-empty report into a one-line ConfigError instead.
-
-Concurrency and full disks: the check-and-build runs under an exclusive lock on
-`<cache>/.lock` (every torchrun rank calls `load_dataset`; the first builds, the others
-wait and reuse). A rebuild writes into a new `files-<fingerprint>` folder and the manifest
-is swapped in last, so a failure part-way (a full disk, a kill) leaves the previous cache
-and its manifest usable; the error says so.
+Sources (`--data`): `synthetic` (default: a deterministic built-in 10-class set of 32x32
+colour images, shapes and textures with clutter, written as JPEG so the real decode path
+runs); `imagefolder:PATH` (PATH/train and PATH/val or PATH/test, one folder per class; PATH
+may be a .tar/.tar.gz of that layout, unpacked once into the cache); `cifar10:PATH` (the
+python pickle batches). The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds
+`manifest.json`: the source's fingerprint, the classes, and per split the paths, labels and
+sizes; rebuilt only when the fingerprint changes, always written atomically, under a lock.
+Loaders read `Split.paths`/`Split.labels` or `decoded(split)` (one uint8 NHWC array, cached
+as .npy). Bad data: convertible images (grayscale, RGBA, palette, 16-bit, ...) become RGB
+PNG in the cache; unusable files are skipped and reported with a reason
+(`Dataset.report()`; `strict=True` makes that a ConfigError); a class with no usable image
+is dropped from both splits. The full list and the concurrency rules: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -553,6 +533,8 @@ def _colour(rng, avoid=None):
     """A random RGB colour; when `avoid` is given, one whose luminance differs by >= 60."""
     while True:
         c = tuple(int(v) for v in rng.integers(0, 256, 3))
+        # The generator's own luminance, part of the "shapes-v2" images; not the spec's LUMA
+        # (0.2989 would change one of 7000 colour choices; docs/loaders.md).
         lum = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
         if avoid is None or abs(lum - avoid) >= 60:
             return c, lum

@@ -1,93 +1,19 @@
 """FFCV loader (`--loader ffcv`): a .beton written once, decoded and batched on the host by
 FFCV's compiled (numba) pipeline, every augmentation on the device through `loaders.augment`.
 
-Storage (`write_beton` / `ensure_beton`): the split's images go into ONE .beton in
-`<dataset cache>/ffcv/`: an `RGBImageField` (`write_mode` "raw" = exact uint8 pixels, the
-default, or "jpg" at `jpeg_quality`) and an `IntField` label, written by FFCV's
-`DatasetWriter` with `workers` processes. Images are stored at their native size when the
-split's images share one size no larger than the training size (CIFAR-10: 32x32, 68 MB raw
-for 20k images; the upscale to 128 happens inside augment.py's single warp, so the host
-never decodes 16x the pixels), otherwise (or with `resolution="train"`) resized to the training size at write time
-with the reference loader's own first op (PIL decode, torchvision bilinear antialiased
-resize of the uint8 tensor). The file name carries the split name, the stored size, the
-write mode, a hash of the (path, label) list and a hash of the content key: FFCV version,
-options, and every source file's size and mtime. A different path list (the throughput
-benchmark's subset) gets its own file; a changed source or option gives a new key, the
-stale file of the same list and options is deleted. The .beton is written to a temp name
-and renamed last, after its sidecar (`.json`: key, byte size, skipped images) so a file at
-the final name is always complete; the sidecar's byte size must match or it is rebuilt. A
-lock file serialises concurrent writers (ranks started together write it once).
-
-Bad input: an image that fails to decode at write time is reported by name on stderr
-(`ffcv: skipped N unreadable image(s) ...`, again on every later load of that .beton) and
-left out of every epoch (the slot holds a black placeholder, excluded through FFCV's
-`indices=`); with `strict=True` the write fails instead with a ConfigError naming the
-files, and nothing is left at the final name.
-
-Loading: `ffcv.loader.Loader` over the .beton with `os_cache=True` (the page cache holds
-the file), `drop_last` = the options' `drop`, `batches_ahead=3`, one decode thread for raw
-pixels (a memcpy: ~270k img/s at 32x32 on one thread here, ~54k on
-two, numba's prange costs more than it saves) and `workers` threads for JPEG,
-pipelines image: SimpleRGBImageDecoder -> ToTensor -> ToDevice(non_blocking=True) ->
-ToTorchImage(channels_last=True) (uint8, pinned host buffers when CUDA is present), label:
-IntDecoder -> ToTensor -> Squeeze(1) -> ToDevice. Then `loaders.augment.augment` on the
-device: all of the spec (flip, pad-crop, rotation, jitter, grayscale, translation,
-perspective, resize to the training size, normalisation) in one call per batch, each
-exactly once; validation and augmentation-off get resize + normalise only. No FFCV host
-augmentation op is used: FFCV has no rotation, perspective, hue jitter or grayscale, and
-flip / pad-crop cost nothing extra inside the one warp (an FFCV flip or translate on the
-host would be a second, extra pass over the pixels, and would have to be switched off in
-augment.py). Measured numbers are in the closing note of the issue and in README.
-
-Order. `order="epoch"` (default): a custom `TraversalOrder` whose epoch n is
-`base.epoch_indices(n)` over the readable samples: the same permutation from (seed, epoch)
-the torchvision and resident loaders use, dealt round-robin to ranks (no duplicates, every
-sample once per epoch); evaluation: natural order dealt the same way. `set_epoch(n)` sets
-FFCV's epoch counter (`Loader.next_epoch`, which `Loader.__iter__` otherwise increments and
-passes to the order) to n before every pass, so iterating twice without set_epoch repeats
-the epoch. `order="random"`: FFCV's own `OrderOption.RANDOM` (seed = options' seed,
-permutation `default_rng(seed + epoch)`; under torch.distributed a `DistributedSampler`
-that pads with duplicates when the count is not divisible by the world size).
-`order="quasi_random"`: FFCV's page-local order with `os_cache=False` (for datasets larger
-than RAM; FFCV has no distributed mode for it, so each rank gets the fixed shard
-`readable[rank::world]`). `"auto"` picks quasi_random for training when the .beton exceeds
-half of the available RAM, else epoch. `distributed=True` is passed to FFCV whenever
-torch.distributed is initialised (rank/world must match the options); FFCV only consults it
-in its traversal orders.
-
-Augmentation randomness: a `torch.Generator` on the device, reseeded at every pass from
-(seed, rank, epoch) like the resident loader.
-
-JIT: FFCV compiles its pipeline with numba on the first batch (~1-3 s here). The loader
-pulls one batch at construction (`warm_up=True`), so the compile is part of set-up, never
-of an epoch; the benchmark's warm-up pass then only warms caches.
-
-FFCV 1.0.2 with numpy 2.4 / numba 0.68 / torch 2.14: the writer, raw and JPEG decode, the
-orders and the os/process caches work unchanged (tests/test_ffcv.py). Workarounds here,
-each for a defect of FFCV 1.0.2 itself:
-- `import ffcv` and every `Loader()` / `iter(loader)` call `torch.set_num_threads`
-  (`Compiler.set_num_threads` sets torch's intra-op threads to 1 at import, then to
-  num_workers): that silently slowed every later torch op in the process (the model, the
-  augmentation) to one thread. The thread count is restored after each of those calls (the
-  setting is per thread; FFCV's own background thread keeps its value).
-- `DatasetWriter` waits forever when a worker process dies (an exception in a worker leaves
-  its progress counter short; reproduced: a dataset raising at one index hangs the write).
-  The dataset adapter never raises (unreadable images are flagged in shared memory), and a
-  watchdog thread interrupts the write (SIGUSR1 to the main thread, which runs the writer
-  so its workers are forked from the main thread) when a worker exits non-zero (disk full,
-  killed): an error instead of a hang.
-- `Loader(order=...)` accepts a custom order only as an instance it then calls with the
-  loader (`isinstance(order, TraversalOrder)` then `order(self)`); `_EpochOrder` is such an
-  instance and binds itself in `__call__`.
-- `Squeeze()` without a dim squeezes a batch of one label to a 0-d tensor: `Squeeze(1)`.
-- FFCV reuses its output buffers `batches_ahead + 2` batches later: labels are cloned
-  (images are fresh tensors out of augment.py).
-- `OSCacheManager.compile_reader` mutates numba's interned array type to make it readonly,
-  breaking the hashes of numba's signature dictionaries (KeyError tracebacks from numba's
-  finalizers once a few loaders are gone; seen in this test suite): replaced by the same
-  reader compiled with a fresh readonly type (`_os_cache_reader`).
-- `ffcv.__version__` says 0.0.3rc1; the installed distribution's version (1.0.2) keys the
-  cache.
+Storage: ONE content-keyed .beton per split in `<dataset cache>/ffcv/` (exact uint8 pixels
+by default, or JPEG), at the images' native size when they share one no larger than the
+training size (the upscale happens inside augment.py's warp), else at the training size;
+written atomically under a lock; unreadable images are reported by name and left out (a
+ConfigError with `strict=True`). Loading: FFCV decodes, batches and moves uint8 to the
+device, then one `augment` call per batch does the whole spec (FFCV has no rotation,
+perspective, hue or grayscale op, and a host flip/crop would be an extra pass). Orders:
+"epoch" (default) is `base.epoch_indices`, the permutation every loader uses;
+"quasi_random" is FFCV's page-local order (datasets larger than RAM), made a pure function
+of the epoch; "auto" picks it when the .beton exceeds half the RAM. numba compiles the
+pipeline at construction (`warm_up=True`). FFCV 1.0.2 defects worked around here (torch
+thread count, writer hang, readonly reader type, custom order, `Squeeze(1)`, cloned
+labels, iterator shutdown, quasi-random state): docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -115,7 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 @contextlib.contextmanager
 def _torch_threads_kept():
-    """Undo FFCV's `torch.set_num_threads` calls (see the module docstring)."""
+    """Undo FFCV's `torch.set_num_threads` calls (an FFCV 1.0.2 defect: docs/loaders.md)."""
     n = torch.get_num_threads()
     try:
         yield
@@ -149,7 +75,8 @@ def _os_cache_reader(self):
     signature built as a new numba type. FFCV's version makes it readonly by setting
     `.mutable = False` on numba's interned `uint8[::1]` type object, which changes the
     hash of a type already used in numba's dictionaries: after a few loaders, numba's
-    dispatcher finalizers raise KeyError ("Exception ignored in: <finalize object>")."""
+    dispatcher finalizers raise KeyError ("Exception ignored in: <finalize object>").
+    An FFCV 1.0.2 defect: docs/loaders.md."""
     ro = nb.types.Array(nb.uint8, 1, "C", readonly=True)
     u64 = nb.types.Array(nb.uint64, 1, "C")
 
@@ -161,7 +88,7 @@ def _os_cache_reader(self):
 
 OSCacheManager.compile_reader = _os_cache_reader
 
-FFCV_VERSION = importlib.metadata.version("ffcv")
+FFCV_VERSION = importlib.metadata.version("ffcv")   # not ffcv.__version__ (docs/loaders.md)
 _FORMAT = 1                      # bump when what goes into a .beton changes
 _MIN_PAGE = 1 << 21              # FFCV's smallest page (2 MiB)
 ORDERS = ("auto", "epoch", "quasi_random")
@@ -220,8 +147,8 @@ def _read(path: str, hw: tuple[int, int]) -> np.ndarray:
 
 class _Images:
     """The indexable dataset FFCV's writer workers read. Never raises (a raising worker
-    hangs FFCV's writer): an unreadable image is flagged in `bad` (shared memory) and
-    written as a black placeholder that the loader leaves out."""
+    hangs FFCV's writer: docs/loaders.md): an unreadable image is flagged in `bad` (shared
+    memory) and written as a black placeholder that the loader leaves out."""
 
     def __init__(self, paths, labels, hw, bad):
         self.paths, self.labels, self.hw, self.bad = paths, labels, hw, bad
@@ -306,7 +233,8 @@ def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
     a worker process dies: one exits non-zero, or all have exited for 10 s while the writer
     still waits. The writer runs in this (main) thread, so its workers are forked from the
     main thread; a watchdog thread interrupts it with SIGUSR1 (a temporary handler; SIGINT
-    handlers stay untouched). Off the main thread: no watchdog."""
+    handlers stay untouched). Off the main thread: no watchdog. FFCV 1.0.2's writer hang:
+    docs/loaders.md."""
     if threading.current_thread() is not threading.main_thread():
         writer.from_indexed_dataset(dataset, chunksize=chunksize)
         return
@@ -437,7 +365,8 @@ def write_beton(split, spec: AugmentSpec | int = 128, options: BetonOptions = Be
 class _EpochOrder(TraversalOrder):
     """`base.epoch_indices` over the readable samples as an FFCV traversal order, cut to
     the pass's whole batches: from batch `skip` (a resume: the batches before it are never
-    read) to the epoch's last."""
+    read) to the epoch's last. (FFCV takes a custom order only as an instance it calls
+    with the loader: docs/loaders.md.)"""
 
     def __init__(self, readable: np.ndarray, opts: LoaderOptions, batches: int):  # super(): __call__
         self.readable, self.opts, self.batches, self.skip = readable, opts, batches, 0

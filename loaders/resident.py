@@ -6,26 +6,12 @@ no larger than the training size (CIFAR-10: 150 MB at 32x32 instead of 2.4 GB at
 the upscale happens inside the augmentation warp), otherwise decoded at the training size.
 Each batch is an `index_select` of this epoch's indices followed by `loaders.augment` on the
 whole batch: no worker processes, no per-sample Python, nothing copied from the host per
-batch.
-
-Order: `base.epoch_indices` (a permutation drawn from (seed, epoch), the same one every
-other loader uses, dealt round-robin to ranks), drawn on the host and copied to the device
-once per epoch (~0.4 MB for 50k samples, ~1 ms): every loader visits samples in the same
-order for a seed, and the batches themselves never touch the host. Augmentation
-randomness: a device `torch.Generator` reseeded from (seed, rank, epoch, batch) before each
-batch, so a batch is a pure function of its place in
-the epoch: an epoch is reproducible, ranks draw independent parameters, and
-`set_epoch(epoch, start_batch=k)` (resume mid-epoch) yields exactly batches k.. .
-
-Measured (2-core Xeon shared with other jobs, load average ~8, CIFAR-10 JPEGs trained at
-128x128, batch 256, `benchmarks/throughput.py` in one run): full augmentation 671 images/s
-vs the torchvision loader's 66 (10.1x); augmentation off 1192 vs 204 (5.9x). Interleaved
-ad-hoc runs at load 4-8: 5.9-10.4x keeping content, 5.0x emulating the sequence's clipping.
-
-Capacity: before decoding, the loader computes the bytes it needs on the device (images +
-labels + a working set for one augmented batch) and refuses, with a one-line ConfigError
-naming both numbers, when the device has less available (CUDA: `torch.cuda.mem_get_info`
-free bytes; CPU: MemAvailable). The probe is injectable (`free_bytes=`) for tests.
+batch. Order: `base.epoch_indices`, copied to the device once per epoch. Augmentation
+randomness: a device generator reseeded from (seed, rank, epoch, batch) before each batch,
+so `set_epoch(epoch, start_batch=k)` yields exactly batches k.. . Capacity: the bytes needed
+on the device (images + labels + one batch's working set) are checked first; too few
+available is a one-line ConfigError naming both numbers (probe injectable: `free_bytes=`).
+Measurements: docs/loaders.md.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ Decisions the report leaves open (stated here, honoured by every loader):
   converging.
 - interpolation: bilinear for every geometric op (torchvision's defaults differ per op:
   nearest for rotation/affine, bilinear for perspective); zero (black) fill outside the image.
+- `colour_mode` (augment.py): "fast" (default: one colour matrix, no clamps between ops) or
+  "exact" (torchvision's ops). Grey is `LUMA`, torchvision's weights.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from dataclasses import dataclass, fields, replace
 
 # Switch names, in the report's order. Each is a bool field on the spec.
 AUGMENTATIONS = ("flip", "crop", "rotate", "jitter", "grayscale", "translate", "perspective")
+COLOUR_MODES = ("fast", "exact")
 
+LUMA = (0.2989, 0.587, 0.114)   # grey = LUMA . RGB: torchvision's rgb_to_grayscale weights
 MEAN = (125 / 255, 124 / 255, 115 / 255)
 STD = (60 / 255, 59 / 255, 64 / 255)
 
@@ -48,6 +52,10 @@ class AugmentSpec:
     perspective_p: float = 0.5
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
+    # augment.py's colour work (resident, FFCV): "fast" = jitter + grayscale as one per-sample
+    # 3x3 matrix + offset (no clamps between ops, YIQ hue rotation); "exact" = torchvision's
+    # ops one by one. DALI always uses its own (fast-like); the reference is always exact.
+    colour_mode: str = "fast"
 
     def __post_init__(self):
         problems = []
@@ -63,6 +71,8 @@ class AugmentSpec:
                      "translate_frac"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (need >= 0)")
+        if self.colour_mode not in COLOUR_MODES:
+            problems.append(f"colour_mode={self.colour_mode!r} (need one of {', '.join(COLOUR_MODES)})")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append("mean/std need 3 values each, std > 0")
         if problems:

@@ -1,21 +1,16 @@
 """Reference loader: torch DataLoader + torchvision.transforms.v2, the baseline everyone knows.
 
 Every other loader is tested and measured against this one. Per sample, in worker
-processes: decode (PIL), resize to the training size, then the spec's
-augmentations in the report's order, each as its own v2 transform (one resampling per
-geometric op, as the report's code did), ToDtype + Normalize. Batches are pinned and copied
-to the device with non_blocking=True, then laid out channels_last in the engine's dtype.
-
-Determinism: a sample's augmentation is a pure function of (seed, epoch, sample index):
-the sampler hands each worker (index, epoch) and the worker reseeds the CPU generator the
-v2 transforms draw from, per sample (inside `torch.random.fork_rng`, so with workers=0 the
-training process's own RNG stream is untouched). Which worker decodes a sample, how many
-workers there are and where an epoch starts therefore never change a batch:
-`set_epoch(epoch, start_batch=k)` (resume) yields exactly batches k.. of that epoch.
-
-Bad files: ingest already dropped files PIL cannot decode. A file that fails anyway (changed
-or removed since) is replaced, with a warning naming it, by the next readable sample of the
-split (deterministic), so the epoch never dies mid-way.
+processes: decode (PIL), resize to the training size, then the spec's augmentations in the
+report's order, each as its own v2 transform (one resampling per geometric op, as the
+report's code did), ToDtype + Normalize. Batches are pinned and copied to the device with
+non_blocking=True, then laid out channels_last in the engine's dtype. Determinism: a
+sample's augmentation is a pure function of (seed, epoch, sample index): the worker reseeds
+the CPU generator the v2 transforms draw from, per sample, inside `torch.random.fork_rng`
+(with workers=0 the training process's RNG stream is untouched), so worker count and start
+batch never change a batch (`set_epoch(epoch, start_batch=k)` yields exactly batches k..).
+Bad files: a file that fails after ingest is replaced, with a warning naming it, by the
+next readable sample of the split (deterministic), so the epoch never dies mid-way.
 """
 from __future__ import annotations
 

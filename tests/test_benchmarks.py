@@ -1,5 +1,5 @@
 """benchmarks/throughput.py end to end on a tiny model: every row kind is produced with the
-fields the README and issue promise, and ratios refer to the baseline of the same run.
+fields the README promises, and ratios refer to the baseline of the same run.
 Behaviour only: no timing is asserted (speed is measured in benchmarks/, not tested)."""
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
 from loaders.base import LoaderOptions, epoch_indices  # noqa: E402
-from loaders.dali import DaliLoader, Draws, dali_rejects  # noqa: E402
+from loaders.dali import DaliLoader, dali_rejects  # noqa: E402
 from loaders.datasets import Split  # noqa: E402
+from loaders.params import params_from_uniforms, warp_matrix  # noqa: E402
 from loaders.spec import AugmentSpec  # noqa: E402
 from loaders.common import read_rgb
 from loaders.torchvision import reference_transform  # noqa: E402
@@ -196,11 +197,12 @@ def test_geometry_varies(smooth, op):
     # fill (2 px at 2x), which alone would count as a change.
     changed = (np.abs(levels(x, spec) - plain)[:, 3:-3, 3:-3].mean(axis=(1, 2, 3))) > 2.0
     distinct = len({m.tobytes() for m in mats})
-    p = Draws(spec, scale_src=True, src_hw=(32, 32)).params(u)
+    p = params_from_uniforms(torch.from_numpy(u), spec)
     if op == "perspective":     # p = 0.5: about half the samples keep the plain geometry
-        assert 0.25 < changed.mean() < 0.75 and changed.tolist() == p["perspective"].tolist()
-    else:
-        assert changed.mean() > 0.85 and distinct > 16
+        assert 0.25 < changed.mean() < 0.75 and changed.tolist() == p.perspective.tolist()
+    else:   # a rotation within ~2 degrees of 0 changes the interior by < 2 levels: ~7% of
+        # U(-30, 30) draws, so ~0.93 changed; 0.8 is 4 standard deviations below at n = 64
+        assert changed.mean() > 0.8 and distinct > 16
     assert np.isfinite(levels(x, spec)).all()
 
 
@@ -212,22 +214,22 @@ def test_composed_warp_matches_sequence(smooth):
     spec = AugmentSpec(size=64).only(*GEOM)
     n, s, pad = 96, spec.size, spec.crop_padding
     x, u, mats = run_pipe(DaliLoader(smooth, spec, opts(batch_size=96)), np.zeros(n, int), seed=5)
-    p = Draws(spec, scale_src=True, src_hw=(32, 32)).params(u)
+    p = params_from_uniforms(torch.from_numpy(u), spec)
     src = read_rgb(smooth.paths[0])
 
     def sequence(img, k):
         img = F.resize(img, [s, s], interpolation=BIL, antialias=True)
-        if p["flip"][k]:
+        if p.flip[k]:
             img = F.horizontal_flip(img)
-        j, i = p["crop"][k].astype(int)
+        j, i = (int(v) + pad for v in p.shift[k].tolist())
         img = F.pad(img, [pad] * 4, fill=0)[:, i:i + s, j:j + s]
-        img = F.rotate(img, float(p["angle"][k]), interpolation=BIL, fill=0)
-        tx, ty = p["translate"][k].astype(int)
-        img = F.affine(img, angle=0.0, translate=[int(tx), int(ty)], scale=1.0, shear=[0.0, 0.0],
+        img = F.rotate(img, float(p.angle[k]), interpolation=BIL, fill=0)
+        tx, ty = (int(v) for v in p.translate[k].tolist())
+        img = F.affine(img, angle=0.0, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
                        interpolation=BIL, fill=0)
-        if p["perspective"][k]:
-            o, e = p["corners"][k].astype(int), s - 1
-            end = [[o[0], o[1]], [e - o[2], o[3]], [e - o[4], e - o[5]], [o[6], e - o[7]]]
+        if p.perspective[k]:
+            e = s - 1
+            end = p.corners[k].long().tolist()
             img = F.perspective(img, [[0, 0], [e, 0], [e, e], [0, e]], end, interpolation=BIL, fill=0)
         return img.permute(1, 2, 0).numpy().astype(np.float64)
 
@@ -236,7 +238,7 @@ def test_composed_warp_matches_sequence(smooth):
     maxes, means, kept, edge = [], [], [], []
     for k in range(n):
         seq_ok = (sequence(torch.full_like(src, 255), k) == 255).all(-1)   # untouched by fill
-        q = np.linalg.inv(mats[k].astype(np.float64)) @ np.stack([w.ravel(), v.ravel(), np.ones(w.size)])
+        q = mats[k].astype(np.float64) @ np.stack([w.ravel(), v.ravel(), np.ones(w.size)])   # output -> source
         qx, qy = (q[:2] / q[2]).reshape(2, s, s)
         warp_ok = (qx >= 0.5) & (qx <= 31.5) & (qy >= 0.5) & (qy <= 31.5)
         inside = (qx >= 0) & (qx <= 32) & (qy >= 0) & (qy <= 32)     # the frame
@@ -245,7 +247,7 @@ def test_composed_warp_matches_sequence(smooth):
         maxes.append(d.max()), means.append(d.mean())
         kept.append((warp_ok & ~seq_ok).mean())
         edge.append((inside & ~warp_ok & seq_ok).mean())
-    assert p["perspective"].any() and not p["perspective"].all()
+    assert p.perspective.any() and not p.perspective.all()
     assert max(maxes) <= 3.0 and np.mean(means) <= 0.5, (max(maxes), np.mean(means))
     # Real content where the sequence is black (cost of not emulating its clipping):
     # measured mean ~7.5% of the pixels, at most ~20% (rotation + translation corners).
@@ -261,7 +263,9 @@ def _colour_run(spec, paths):
     split = Split("train", tuple(paths), (0,) * len(paths), ((32, 32),) * len(paths), Path("."))
     loader = DaliLoader(split, spec, opts(batch_size=len(paths)))
     x, u, _ = run_pipe(loader, np.arange(len(paths)))
-    return levels(x, spec), Draws(spec, scale_src=False).params(u)
+    p = params_from_uniforms(torch.from_numpy(u), spec)
+    return levels(x, spec), {k: getattr(p, k).numpy() for k in
+                             ("brightness", "contrast", "saturation", "hue", "grayscale")}
 
 
 def test_colour_gaps(tiny_synthetic):
@@ -284,7 +288,7 @@ def test_colour_gaps(tiny_synthetic):
            "c": lambda im, p, k: F.adjust_contrast(im, float(p["contrast"][k])),
            "s": lambda im, p, k: F.adjust_saturation(im, float(p["saturation"][k])),
            "h": lambda im, p, k: F.adjust_hue(im, float(p["hue"][k])),
-           "g": lambda im, p, k: F.rgb_to_grayscale(im, 3) if p["gray"][k] else im}
+           "g": lambda im, p, k: F.rgb_to_grayscale(im, 3) if p["grayscale"][k] else im}
 
     def reference(k, p, order):
         img = src[k]
@@ -328,23 +332,25 @@ def test_colour_gaps(tiny_synthetic):
 
 
 def test_draws_follow_torchvision_distributions():
-    """The mapping from DALI's uniform draws to parameters: ranges and integer grids."""
+    """The mapping from DALI's uniform draws to parameters (loaders.params, shared with
+    augment.py): ranges and integer grids; the warp matrix maps output to source pixels."""
     spec = AugmentSpec(size=128)
-    d = Draws(spec, scale_src=True, src_hw=(32, 32))
-    u = np.random.default_rng(0).random((20000, d.width))
-    p = d.params(u)
-    assert set(np.unique(p["crop"])) == set(range(2 * spec.crop_padding + 1))
-    assert np.abs(p["angle"]).max() <= 30 and np.abs(p["angle"]).max() > 29.9
-    assert set(np.unique(p["translate"])) == set(range(-32, 33))          # rounded shifts
+    u = torch.from_numpy(np.random.default_rng(0).random((20000, 24)))
+    p = params_from_uniforms(u, spec)
+    assert set(np.unique(p.shift + spec.crop_padding)) == set(range(2 * spec.crop_padding + 1))
+    assert p.angle.abs().max() <= 30 and p.angle.abs().max() > 29.9
+    assert set(np.unique(p.translate)) == set(range(-32, 33))             # rounded shifts
     bw = int(0.3 * 64) + 1
-    assert set(np.unique(p["corners"][p["perspective"]])) == set(range(bw))
-    assert (p["corners"][~p["perspective"]] == 0).all()
+    start = torch.tensor([[0, 0], [127, 0], [127, 127], [0, 127]], dtype=torch.float64)
+    inward = (p.corners - start).abs()
+    assert set(np.unique(inward[p.perspective])) == set(range(bw))
+    assert (inward[~p.perspective] == 0).all()
     for name in ("brightness", "contrast", "saturation"):
-        assert 0.8 <= p[name].min() and p[name].max() <= 1.2
-    assert np.abs(p["hue"]).max() <= 0.05
-    # Matrices: identity geometry maps the 32x32 source onto the 128 frame (scale 4).
-    m = Draws(spec.without(), scale_src=True, src_hw=(32, 32)).matrices({"n": 1})[0]
-    np.testing.assert_allclose(m, np.diag([4.0, 4.0, 1.0]))
+        assert 0.8 <= getattr(p, name).min() and getattr(p, name).max() <= 1.2
+    assert p.hue.abs().max() <= 0.05
+    # Identity geometry: the 128 frame's pixels read the 32x32 source at a quarter scale.
+    m = warp_matrix(params_from_uniforms(u[:1], spec.without()), 128, (32, 32))[0]
+    np.testing.assert_allclose(m, np.diag([0.25, 0.25, 1.0]))
 
 
 # ---------------------------------------------------------------------------------- GPU
