@@ -10,7 +10,6 @@ simply started again. Per loader chain: one run of ~6 s compute in 4-7 processes
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
