@@ -271,9 +271,10 @@ class Trainer:
                     eng.scaler.load_state_dict(self.resume_state["scaler"])
                 mixup = v2.MixUp(alpha=stage.mixup_alpha, num_classes=self.data.num_classes) \
                     if stage.mixup_alpha > 0 else None
-                # a budget that shortens the stage shortens its warm-up in proportion
-                scale = self.plan[si][1] / self.weights[si] if self.budget_s else 1.0
-                warmup = round(stage.warmup_epochs * scale * n_batches)
+                # the warm-up keeps its length (a shorter one let the scaled-up lr stall training
+                # near chance), at most half of a stage a budget shortened
+                warm = min(stage.warmup_epochs, self.plan[si][1] / 2) if self.budget_s else stage.warmup_epochs
+                warmup = round(warm * n_batches)
                 epoch = 0 if fresh else pos.epoch
                 while epoch < self.plan[si][1]:              # a budget re-plan may change the count
                     t_epoch = time.perf_counter()
