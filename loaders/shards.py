@@ -205,10 +205,14 @@ def scan_shard(path: str, n_classes: int | None) -> ShardScan:
                     key, parts = k, {}
                 raw = tar.extractfile(m).read(64) if ext == "cls" else None
                 parts.setdefault(ext, (ext, m.offset_data, m.size, m.name, raw))
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as e:
         out.problems.append((path, f"unreadable tar after {len(out.samples)} sample(s) ({e}); kept those"))
         return out                       # the sample being read when it broke is incomplete
     close(key, parts)
+    if os.path.getsize(path) < end + 1024:     # tarfile stops quietly where a shard is cut short
+        out.problems.append((path, f"truncated tar (no end-of-archive marker) after {len(out.samples)} "
+                                   "complete sample(s); kept those"))
     return out
 
 
