@@ -24,8 +24,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from loaders.base import LoaderOptions, derive_seed
 from loaders.dali import READER, DrawFeed, Draws, _dali_dtype, _trim_heap, dali_pipeline
-from loaders.shards import (ShardSplit, StreamingLoader, ensure_indexes, member_key, parse_label, rank_shards,
-                            read_index, shard_samples, warn_member)
+from loaders.shards import (ShardSplit, StreamingLoader, ensure_indexes, parse_label, rank_shards, read_index,
+                            shard_samples, warn_member)
 from loaders.spec import AugmentSpec
 
 
@@ -60,7 +60,7 @@ class WdsDaliLoader(StreamingLoader):
         self.source_first = hw is not None and max(hw) <= spec.size
         self.source_hw = hw if self.source_first else None
         self.width = Draws(spec, opts.train).width
-        self.bad: dict[int, set[str]] = {}      # shard -> keys left out of this run's index
+        self.bad: dict[int, set[int]] = {}      # shard -> positions left out of this run's index
         self._private: Path | None = None
 
     # ---- what the reader reads
@@ -69,11 +69,10 @@ class WdsDaliLoader(StreamingLoader):
         paths, idx, where = [], [], {}
         offsets = self.split.offsets
         for i in mine:
-            rows = read_index(self._index(i))
+            rows = read_index(self.index[i])           # positions: the full index's
             paths.append(self.split.shards[i])
             idx.append(str(self._index(i)))
-            keep = [r[0][1] for r in rows]
-            where[self.split.shards[i]] = (np.asarray(keep, np.int64), int(offsets[i]))
+            where[self.split.shards[i]] = (np.asarray([r[0][1] for r in rows], np.int64), int(offsets[i]))
         return paths, idx, where
 
     def _index(self, i: int) -> Path:
@@ -149,30 +148,32 @@ class WdsDaliLoader(StreamingLoader):
                 _trim_heap()
 
     def _leave_out_bad(self, epoch: int, err: Exception) -> bool:
-        """After a failed batch: this pass's members PIL cannot decode, warned about and left
-        out of this run's index (a private copy). False when none is found."""
+        """After a failed batch: this pass's samples PIL cannot decode (or missing from a
+        shard cut short), warned about and left out of this run's index (a private copy).
+        False when none is found."""
         from PIL import Image
         found = False
         for i in rank_shards(self.split, self.opts, epoch):
             path, off = self.split.shards[i], int(self.split.offsets[i])
             bad = set()
             for sid, key, img, _ in shard_samples(path, self.split.counts[i], off, self.split.num_classes):
-                if img is None:
+                if sid - off in self.bad.get(i, ()):
                     continue
                 try:
+                    if img is None:
+                        raise EOFError("missing from the shard")
                     with Image.open(io.BytesIO(img[0])) as im:
                         im.convert("RGB")
                 except Exception as e:  # noqa: BLE001 - any failure to decode: leave it out
-                    if key not in self.bad.get(i, ()):
-                        warn_member(path, key, f"{type(e).__name__}: {e}", "left out of this run's index")
-                        bad.add(key)
+                    warn_member(path, key, f"{type(e).__name__}: {e}", "left out of this run's index")
+                    bad.add(sid - off)
             if bad:
                 found = True
                 self.bad.setdefault(i, set()).update(bad)
                 if self._private is None:          # removed with the loader
                     self._tmp = tempfile.TemporaryDirectory(prefix="dali-wds-", dir=self.split.cache_dir)
                     self._private = Path(self._tmp.name)
-                rows = [r for r in read_index(self.index[i]) if member_key(r[0][3])[0] not in self.bad[i]]
+                rows = [r for p, r in enumerate(read_index(self.index[i])) if p not in self.bad[i]]
                 text = [f"v1.2 {len(rows)}"] + [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in r) for r in rows]
                 (self._private / f"{i}.idx").write_text("\n".join(text) + "\n")
         return found

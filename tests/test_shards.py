@@ -301,6 +301,28 @@ def test_a_corrupt_member_is_skipped_with_a_warning(paths, name, tmp_path):
     assert warned and "train-000002.tar" in warned[0], warned
 
 
+@pytest.mark.parametrize("name", ["torchvision", "dali"])
+def test_a_shard_cut_short_mid_run_keeps_every_rank_in_step(paths, name, tmp_path):
+    if name == "dali":
+        pytest.importorskip("nvidia.dali")
+    d = write_id_shards(tmp_path / "d", paths[:40], [10] * 4)
+    split = load_webdataset(f"webdataset:{d}", tmp_path / "cache").train
+    loaders = [build_loader(name, split, SPEC.without(), opts(batch_size=8, drop_last=False, rank=r,
+                                                              world_size=2, workers=0)) for r in (0, 1)]
+    shard = d / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:6000])                   # samples 20, 21 (and part of 22) kept
+    counts, warned = [], []
+    for loader in loaders:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            batches = epoch(loader, 0)
+        warned += [str(m.message) for m in w if "train-000002.tar" in str(m.message)]
+        assert len(batches) == len(loader) == 3
+        assert not set(ids(batches)) & set(range(23, 30))          # never read: not in the shard
+        counts.append(len(ids(batches)))
+    assert counts == [20, 20] and warned
+
+
 # ------------------------------------------------------------------- training from shards
 
 @pytest.fixture(scope="module")
