@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 import warnings
@@ -35,6 +36,7 @@ from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, fi
 
 FORMAT = "fasttrain-webdataset"
 META = "meta.json"                      # the writer's record: classes, shards, counts, bytes
+WRITING = ".writing"                    # present while the writer replaces a folder's shards
 MANIFEST_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png")     # a sample's image member (the first one found)
 SHARD_RE = re.compile(r"^(train|val|test)-(\d{6})\.tar$")
@@ -106,6 +108,8 @@ def write_shards(source: str, dst: str | os.PathLike, shard_size: int, splits=("
                 print(f"shards: {dst} is up to date ({source})", flush=True)
                 return old
             meta = dict(format=FORMAT, version=1, classes=list(ds.classes), **want, splits={})
+            atomic_write(dst / WRITING, "a write in progress (or interrupted): run python -m loaders.shards again\n")
+            (dst / META).unlink(missing_ok=True)
             for name in splits:
                 meta["splits"][name] = _write_split(getattr(ds, name), name, dst, shard_size, seed)
             atomic_write(dst / "classes.txt", "".join(c + "\n" for c in ds.classes))
@@ -115,6 +119,7 @@ def write_shards(source: str, dst: str | os.PathLike, shard_size: int, splits=("
                 m = SHARD_RE.match(f.name)
                 if m and m.group(1) in splits and f.name not in kept:
                     f.unlink()
+            (dst / WRITING).unlink()
     except OSError as e:
         if e.errno in DISK_FULL:
             raise ConfigError(f"shards: disk full writing into {dst} ({e.strerror}); shards already in place "
@@ -123,7 +128,7 @@ def write_shards(source: str, dst: str | os.PathLike, shard_size: int, splits=("
             raise ConfigError(f"shards: cannot write into {dst} ({e.strerror}); pick a writable folder") from None
         raise
     n = {k: sum(s["count"] for s in v) for k, v in meta["splits"].items()}
-    print(f"shards: wrote " + ", ".join(f"{k}: {n[k]} samples in {len(v)} shard(s)" for k, v in meta["splits"].items())
+    print("shards: wrote " + ", ".join(f"{k}: {n[k]} samples in {len(v)} shard(s)" for k, v in meta["splits"].items())
           + f" to {dst}", flush=True)
     return meta
 
@@ -275,6 +280,9 @@ def parse_source(source: str) -> tuple[dict[str, list[str]], Path]:
     if not arg:
         raise ConfigError(f"--data {source}: no shards given; {SOURCE_HELP}")
     folder = Path(arg).expanduser().resolve()
+    if (folder if folder.is_dir() else folder.parent).joinpath(WRITING).exists():
+        raise ConfigError(f"--data {source}: the shards there are being written, or a write was interrupted "
+                          f"({folder / WRITING}); let it finish or run python -m loaders.shards again")
     if "{" not in arg and "=" not in arg and folder.is_dir():
         meta = _read_meta(folder)
         if meta:
@@ -324,7 +332,7 @@ def _classes(folder: Path, meta: dict | None) -> list[str] | None:
         return None
 
 
-def load_webdataset(source: str, cache_root) -> "Dataset":  # noqa: F821 (loaders.datasets.Dataset)
+def load_webdataset(source: str, cache_root):
     """The `webdataset:` source as a Dataset of two ShardSplits. Counts come from the
     writer's meta.json when a shard's size matches it, else from one header scan per
     shard (which also writes DALI's index), recorded in the cache's manifest under the
@@ -361,14 +369,15 @@ def _build_manifest(shards, listed, classes, cache_dir: Path) -> dict:
     n_classes = len(classes) if classes else None
     out, skipped, top = {}, [], -1
     for name in ("train", "val"):
-        paths, counts, sizes = [], [], set()
+        paths, counts, sizes, known = [], [], set(), True
         for p in shards[name]:
             rec = listed.get(Path(p).name)
             if rec and rec.get("bytes") == os.stat(p).st_size:
                 count = rec["count"]          # the writer's count: no scan
-                sizes |= {tuple(hw) for hw in rec.get("sizes", [[0, 0], [1, 1]])}
+                sizes |= {tuple(hw) for hw in rec.get("sizes", [])}
+                known &= "sizes" in rec
             else:
-                sizes |= {None, 0}            # unknown
+                known = False                 # the scan reads no pixels
                 scan = scan_shard(p, n_classes)
                 skipped += scan.problems
                 count = len(scan.samples)
@@ -380,7 +389,7 @@ def _build_manifest(shards, listed, classes, cache_dir: Path) -> dict:
                 continue
             paths.append(p)
             counts.append(count)
-        out[name] = dict(shards=paths, counts=counts, hw=list(sizes.pop()) if len(sizes) == 1 else None)
+        out[name] = dict(shards=paths, counts=counts, hw=list(sizes.pop()) if known and len(sizes) == 1 else None)
     classes = classes or [str(i) for i in range(top + 1)]
     return dict(classes=classes, splits=out, skipped=[list(s) for s in skipped])
 
@@ -457,42 +466,44 @@ def unpack(split: ShardSplit):
     key = _hash("\n".join(f"{p}|{os.stat(p).st_size}|{os.stat(p).st_mtime_ns}|{c}"
                           for p, c in zip(split.shards, split.counts)))[:12]
     root = split.cache_dir / f"unpacked-{split.name}-{key}"
-    listing = root / "files.json"
     with file_lock(split.cache_dir / ".lock", "webdataset unpack"):
-        try:
-            m = json.loads(listing.read_text())
-        except (OSError, ValueError):
-            m = None
-        if m is None:
+        if not (root / "files.json").exists():
+            tmp = root.with_name(root.name + ".tmp")          # renamed when complete: a kill leaves no half
+            shutil.rmtree(tmp, ignore_errors=True)
             m = dict(paths=[], labels=[], sizes=[], ids=[])
             for i, (sid, key_, img, label) in enumerate(_iter_members(split)):
-                out = root / f"{i // 10000:04d}" / f"{sid:09d}.{img[1]}"
-                out.parent.mkdir(parents=True, exist_ok=True)
+                rel = f"{i // 10000:04d}/{sid:09d}.{img[1]}"
                 try:
                     with Image.open(io.BytesIO(img[0])) as im:
                         im.load()
-                        ok = im.mode == "RGB" and im.format in ("JPEG", "PNG")
                         hw = (im.height, im.width)
-                        rgb = None if ok else im.convert("RGB")
+                        rgb = None if im.mode == "RGB" and im.format in ("JPEG", "PNG") else im.convert("RGB")
                 except Exception as e:  # noqa: BLE001 - any decode failure: leave it out
-                    warn_member(split.shards[_shard_of(split, sid)], key_, f"{type(e).__name__}: {e}", "left out")
+                    warn_member(split.shards[shard_of(split, sid)], key_, f"{type(e).__name__}: {e}", "left out")
                     continue
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 if rgb is None:
-                    atomic_write(out, img[0])
+                    (tmp / rel).write_bytes(img[0])
                 else:
-                    out = out.with_suffix(".png")
-                    with atomic_path(out) as tmp:
-                        rgb.save(tmp, format="PNG")
-                m["paths"].append(str(out))
+                    rel = rel.rsplit(".", 1)[0] + ".png"
+                    rgb.save(tmp / rel, format="PNG")
+                m["paths"].append(rel)
                 m["labels"].append(label)
                 m["sizes"].append(hw)
                 m["ids"].append(sid)
-            atomic_write(listing, json.dumps(m))
-    s = Split(split.name, tuple(m["paths"]), tuple(m["labels"]), tuple(map(tuple, m["sizes"])), root)
+            (tmp / "files.json").write_text(json.dumps(m))
+            os.replace(tmp, root)
+            for old in split.cache_dir.glob(f"unpacked-{split.name}-*"):   # a changed source's copy
+                if old != root:
+                    shutil.rmtree(old, ignore_errors=True)
+        m = json.loads((root / "files.json").read_text())
+    s = Split(split.name, tuple(str(root / p) for p in m["paths"]), tuple(m["labels"]),
+              tuple(map(tuple, m["sizes"])), root)
     return s, np.asarray(m["ids"], dtype=np.int64)
 
 
-def _shard_of(split: ShardSplit, sid: int) -> int:
+def shard_of(split: ShardSplit, sid: int) -> int:
+    """The index of the shard holding sample `sid`."""
     return int(np.searchsorted(split.offsets, sid, side="right") - 1)
 
 

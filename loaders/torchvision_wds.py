@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loaders.base import LoaderOptions, derive_seed, to_model_layout
 from loaders.common import read_rgb
-from loaders.shards import ShardSplit, StreamingLoader, rank_shards, shard_samples, warn_member
+from loaders.shards import ShardSplit, StreamingLoader, rank_shards, shard_of, shard_samples, warn_member
 from loaders.spec import AugmentSpec
 from loaders.torchvision import reference_transform
 
@@ -128,7 +128,7 @@ class _Streams(IterableDataset):
                 torch.tensor([g[2] for _, g in slots], dtype=torch.int64))
 
     def _path(self, sid: int) -> str:
-        return self.split.shards[int(np.searchsorted(self.split.offsets, sid, side="right") - 1)]
+        return self.split.shards[shard_of(self.split, sid)]
 
 
 class WdsTorchvisionLoader(StreamingLoader):

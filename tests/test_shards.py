@@ -9,7 +9,6 @@ written without meta.json (so the source scans them): 8 shards of 20 (the even c
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import tarfile
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from loaders.base import LoaderOptions, build_loader
 from loaders.common import ConfigError, read_rgb
@@ -159,6 +157,9 @@ def test_source_forms_and_errors(paths, tmp_path):
         with pytest.raises(ConfigError, match=msg) as e:
             load_dataset(src, tmp_path / "cache")
         assert "\n" not in str(e.value)
+    (d / ".writing").write_text("")                                # a write in progress or interrupted
+    with pytest.raises(ConfigError, match="being written, or a write was interrupted"):
+        load_dataset(forms[0], tmp_path / "cache")
 
 
 def test_scan_reports_incomplete_samples_and_broken_tars(paths, tmp_path):
