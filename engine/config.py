@@ -72,6 +72,7 @@ class Config:
     budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
     log: str = ""                    # "tensorboard": also write TensorBoard events to <run>/tensorboard
     workers: int = 2
+    shuffle_buffer: int = 1000       # --data webdataset: samples in each stream's shuffle buffer
     seed: int = 0
     max_params: int = 5_000_000
     out: str = "runs"
@@ -320,6 +321,7 @@ _RANGES = {
     "warmup_epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 1),
     "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)", 0.9),
     "workers": (lambda v: v >= 0, ">= 0", 2),
+    "shuffle_buffer": (lambda v: v >= 1, ">= 1 (1 = no shuffling within shards)", 1000),
     "seed": (lambda v: v >= 0, ">= 0", 0),
     "max_params": (lambda v: v >= 1, ">= 1", 5_000_000),
     "log_every": (lambda v: v >= 1, ">= 1", 20),

@@ -119,7 +119,7 @@ class Trainer:
                                    state=self.resume_state["model"] if self.resume_state else None)
         self.model = self.engine.model
         common = dict(device=self.device, dtype=self.amp or torch.float32, seed=cfg.seed, rank=self.rank,
-                      world_size=self.world, workers=cfg.workers)
+                      world_size=self.world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
         self.train_loader = build_loader(cfg.loader, self.data.train, self.spec,
                                          LoaderOptions(train=True, batch_size=cfg.batch_size, **common))
         self.val_loader = build_loader(cfg.loader, self.data.val, self.spec,

@@ -4,7 +4,7 @@ Sources (`--data`): `synthetic` (default: a deterministic built-in 10-class set 
 colour images, shapes and textures with clutter, written as JPEG so the real decode path
 runs); `imagefolder:PATH` (PATH/train and PATH/val or PATH/test, one folder per class; PATH
 may be a .tar/.tar.gz of that layout, unpacked once into the cache); `cifar10:PATH` (the
-python pickle batches). The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds
+python pickle batches); `webdataset:PATTERN` (tar shards: loaders/shards.py). The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds
 `manifest.json`: the source's fingerprint, the classes, and per split the paths, labels and
 sizes; rebuilt only when the fingerprint changes, always written atomically, under a lock.
 Loaders read `Split.paths`/`Split.labels` or `decoded(split)` (one uint8 NHWC array, cached
@@ -108,6 +108,9 @@ def load_dataset(source: str, cache_root: str | os.PathLike = ".cache",
 
 def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Dataset:
     kind, _, arg = source.partition(":")
+    if kind == "webdataset":                 # tar shards, no per-file list: loaders/shards.py
+        from loaders.shards import load_webdataset
+        return load_webdataset(source, cache_root)
     if kind == "synthetic":
         if arg:
             raise ConfigError(f"--data synthetic takes no path (got {source!r}); use --data synthetic")
@@ -133,7 +136,8 @@ def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Datase
             build = lambda d, files: _build_cifar10(d, files, root)  # noqa: E731
         cache_dir = Path(cache_root) / f"{kind}-{_hash(str(root))[:10]}"
         return _cached(source, cache_dir, fingerprint, build)
-    raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH or cifar10:PATH")
+    raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH, cifar10:PATH "
+                      "or webdataset:PATTERN")
 
 
 def decoded(split: Split, size: int | None = None) -> np.ndarray:
