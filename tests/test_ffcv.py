@@ -407,8 +407,8 @@ def test_two_ranks_through_a_gloo_process_group(tiny_synthetic, tmp_path):
     split = tiny_synthetic.train
     every = sorted(samples(F.FfcvLoader(split, SPEC.without(), opts(train=False, batch_size=40))))
     spec_file = tmp_path / "split.json"
-    spec_file.write_text(json.dumps(dict(name=split.name, paths=split.paths, labels=split.labels,
-                                         sizes=split.sizes, cache_dir=str(tmp_path / "cache"))))
+    spec_file.write_text(json.dumps(dict(name=split.name, paths=list(split.paths), labels=list(split.labels),
+                                         sizes=list(split.sizes), cache_dir=str(tmp_path / "cache"))))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path / "store"), str(spec_file), str(r)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
