@@ -70,6 +70,7 @@ class Config:
     target_acc: float = 0.0          # stop when val accuracy reaches this (0 = run all stages)
     budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
     workers: int = 2
+    ingest_workers: int = 0          # processes ingesting a dataset folder (0: the usable cores)
     seed: int = 0
     max_params: int = 5_000_000
     out: str = "runs"
@@ -135,7 +136,7 @@ PRESETS: dict[str, dict] = {
 # What `--resume` lets the command line change: how the run is executed, not what it computes
 # (a different --device or --compile changes float rounding, not the recipe). Anything else
 # given with --resume must equal the run's value.
-RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
+RESUME_SAFE = ("resume", "workers", "ingest_workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
                "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic")
 
 
@@ -277,6 +278,7 @@ _RANGES = {
     "warmup_epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 1),
     "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)", 0.9),
     "workers": (lambda v: v >= 0, ">= 0", 2),
+    "ingest_workers": (lambda v: v >= 0, ">= 0 (0 = the usable cores)", 4),
     "seed": (lambda v: v >= 0, ">= 0", 0),
     "max_params": (lambda v: v >= 1, ">= 1", 5_000_000),
     "log_every": (lambda v: v >= 1, ">= 1", 20),
