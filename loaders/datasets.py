@@ -27,6 +27,7 @@ import pickle
 import shutil
 import stat
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -164,7 +165,8 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
     """The split as one uint8 array (N, H, W, 3), decoded once and cached as .npy.
 
     Images keep their native size when they all share it and `size` is None; otherwise
-    each is resized (bilinear, antialiased) to size x size."""
+    each is resized (bilinear, antialiased) to size x size. A file that fails to decode
+    (ingest checks headers only) is black, with a RuntimeWarning naming it."""
     sizes = set(split.sizes)
     if size is None:
         if len(sizes) != 1:
@@ -179,13 +181,20 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
     with file_lock(split.cache_dir / ".lock"):
         if out.exists() and meta.exists() and meta.read_text() == key:
             return np.load(out, mmap_mode="r")
-        arr = np.empty((len(split), h, w, 3), np.uint8)
+        arr = np.zeros((len(split), h, w, 3), np.uint8)
+        failed = []
         for i, p in enumerate(split.paths):
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                arr[i] = np.asarray(im)
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.BILINEAR)
+                    arr[i] = np.asarray(im)
+            except Exception as e:  # noqa: BLE001 - passed ingest's header check, fails now: black
+                failed.append(f"{p} ({type(e).__name__}: {e})")
+        if failed:
+            warnings.warn(f"{len(failed)} {split.name} image(s) could not be decoded and are black: "
+                          + "; ".join(failed[:5]) + ("; ..." if len(failed) > 5 else ""), RuntimeWarning, stacklevel=2)
         try:
             with atomic_path(out) as tmp:
                 with open(tmp, "wb") as f:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,39 @@ def test_any_truncation_of_a_jpeg_is_caught(tmp_path, keep):
     (root / "train" / "c0" / "t.jpg").write_bytes(data[: max(1, int(len(data) * keep))])
     ds = load_dataset(f"imagefolder:{root}", tmp_path / "cache")
     assert str(root / "train" / "c0" / "t.jpg") in ds.skipped
+
+
+def broken_huffman_jpeg(path: Path) -> None:
+    """A JPEG whose header opens as RGB and which ends with EOI, but whose Huffman table is
+    garbage: it passes the header check and fails any full decode (PIL: broken data stream)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    i = data.find(b"\xff\xc4")
+    data[i + 5:i + 21] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(600)
+def test_a_file_that_passes_ingest_but_fails_to_decode_is_survived_by_every_loader(tmp_path):
+    from loaders.base import LoaderOptions, available_loaders, build_loader
+    from loaders.spec import AugmentSpec
+    root = make_folder(tmp_path / "d", classes=2, per_class=8, val=2)
+    broken_huffman_jpeg(root / "train" / "c1" / "zz.jpg")
+    ds = load_dataset(f"imagefolder:{root}", tmp_path / "cache")
+    assert any(p.endswith("zz.jpg") for p in ds.train.paths)              # passed: header and EOI fine
+    with pytest.raises(OSError):
+        with Image.open(root / "train" / "c1" / "zz.jpg") as im:
+            im.load()
+    for name in available_loaders():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loader = build_loader(name, ds.train, AugmentSpec(size=16),
+                                  LoaderOptions(train=False, batch_size=4, workers=0, drop_last=False))
+            ys = torch.cat([y for _, y in loader])
+        assert len(ys) >= len(ds.train) - 1, name          # left out (dali, ffcv) or stood in for
+        if name in ("torchvision", "resident"):            # the next sample / a black image, named
+            assert any("zz.jpg" in str(w.message) for w in seen), (name, [str(w.message) for w in seen])
 
 
 # ---------------------------------------------------------------------------- the pool
