@@ -7,7 +7,8 @@ Phases, each in a fresh subprocess (so its peak RSS is its own):
 - generate: N 64x48 photo-like JPEGs (smooth colour fields plus noise), 5% of each class in
   val/, written in parallel; skipped when --root already holds the same tree.
 - ingest: `load_dataset` on a cold cache (scan + fingerprint, header checks, manifest):
-  wall, files/s, peak RSS of the ingest process and of its largest worker, manifest bytes.
+  wall, files/s, peak RSS of the ingest process and of its largest worker, manifest bytes;
+  `--repeats` times for each of `--ingest-workers` (interleaved; the row is the median).
 - reload: the cache hit as a training start pays it: the scan/fingerprint (1 and N
   workers), the manifest load, the loaded columns' memory against the same data as tuples.
 - epoch: `loaders.base.epoch_indices` and DALI's per-epoch file list (`DaliLoader`
@@ -27,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +105,8 @@ def phase_ingest(a) -> dict:
     n = len(ds.train) + len(ds.val)
     m = ds.cache_dir / "manifest.json"
     cols = [ds.cache_dir / s["columns"] for s in json.loads(m.read_text())["splits"].values()]
-    return {"files": n, "train": len(ds.train), "val": len(ds.val), "skipped": len(ds.skipped),
+    return {"workers": a.workers, "loadavg_1m": os.getloadavg()[0],
+            "files": n, "train": len(ds.train), "val": len(ds.val), "skipped": len(ds.skipped),
             "ingest_s": wall, "files_per_s": n / wall, "rss_before_mib": rss0, "peak_rss_mib": _peak_mib(),
             "peak_rss_worker_mib": _peak_mib(resource.RUSAGE_CHILDREN),
             "manifest_json_bytes": m.stat().st_size, "columns_bytes": sum(p.stat().st_size for p in cols)}
@@ -114,12 +117,15 @@ def phase_reload(a) -> dict:
     from loaders.ingest import WorkerPool, usable_cores
     root = Path(a.root).resolve()
     out = {}
+    for _ in range(3):                  # interleaved; the row is the median
+        for workers in sorted({1, usable_cores()}):
+            with WorkerPool(workers) as pool:
+                t = time.perf_counter()
+                scan = D._scan_imagefolder(root, D._Work(pool, workers > 1))
+                fp = D._imagefolder_fingerprint(root, scan)
+                out.setdefault(f"scan_s_{workers}w_runs", []).append(time.perf_counter() - t)
     for workers in sorted({1, usable_cores()}):
-        with WorkerPool(workers) as pool:
-            t = time.perf_counter()
-            scan = D._scan_imagefolder(root, D._Work(pool, workers > 1))
-            fp = D._imagefolder_fingerprint(root, scan)
-            out[f"scan_s_{workers}w"] = time.perf_counter() - t
+        out[f"scan_s_{workers}w"] = statistics.median(out[f"scan_s_{workers}w_runs"])
     del scan
     gc.collect()
     cache_dir = next(Path(a.cache).glob("imagefolder-*"))
@@ -245,6 +251,23 @@ def run_phase(name: str, argv: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def ingest_runs(a, forwarded: list[str]) -> dict:
+    """Every (repeat, worker count) ingest, interleaved; per worker count the median run."""
+    runs = []
+    for _ in range(a.repeats):
+        for w in (int(x) for x in a.ingest_workers.split(",")):
+            runs.append(run_phase("ingest", [*forwarded, "--workers", str(w)]))
+            print(f"[ingest] {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    ok = [r for r in runs if "files_per_s" in r]
+    median = {}
+    for w in sorted({r["workers"] for r in ok}):
+        mine = sorted((r for r in ok if r["workers"] == w), key=lambda r: r["files_per_s"])
+        median[w] = mine[(len(mine) - 1) // 2]
+    default = median.get(0) or next(iter(median.values()), {"error": "no ingest run finished"})
+    return {"ingest": default, "ingest_median_by_workers": {str(w): r for w, r in median.items()},
+            "ingest_runs": runs}
+
+
 def extrapolate(res: dict, n: int) -> dict:
     ing, rel, ep = res.get("ingest", {}), res.get("reload", {}), res.get("epoch", {})
     f = IMAGENET_FILES / max(1, ing.get("files", n))
@@ -268,7 +291,9 @@ def main(argv=None) -> dict:
     p.add_argument("--root", required=True, help="where the generated tree goes (e.g. /tmp/ingest-bench)")
     p.add_argument("--files", type=int, default=200_000)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=0, help="ingest processes (0: the usable cores)")
+    p.add_argument("--ingest-workers", default="1,0", help="ingest processes to compare (0: the usable cores)")
+    p.add_argument("--repeats", type=int, default=3, help="ingest runs per worker count")
+    p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)   # one phase's
     p.add_argument("--ffcv-files", type=int, default=5000, help="FFCV writer subset (0: skip)")
     p.add_argument("--sample", type=int, default=2000, help="files timed one by one in the checks phase")
     p.add_argument("--phases", default="generate,ingest,reload,epoch,ffcv,checks")
@@ -285,6 +310,9 @@ def main(argv=None) -> dict:
     res = {"machine": machine(), "args": {k: v for k, v in vars(a).items() if k != "phase"}}
     for name in a.phases.split(","):
         if name == "ffcv" and a.ffcv_files <= 0:
+            continue
+        if name == "ingest":
+            res.update(ingest_runs(a, forwarded))
             continue
         t = time.perf_counter()
         res[name] = run_phase(name, forwarded)
@@ -308,7 +336,9 @@ def table(res: dict) -> str:
     rows = [
         ("files (train + val)", g(ing, "files", "{:,}"), g(ex, "files", "{:,}")),
         ("ingest wall s", g(ing, "ingest_s", "{:,.1f}"), g(ex, "ingest_s", "{:,.0f}")),
-        ("ingest files/s", g(ing, "files_per_s", "{:,.0f}"), ""),
+        ("ingest files/s, all workers (median)", g(ing, "files_per_s", "{:,.0f}"), ""),
+        ("ingest files/s, 1 worker (median)", g(res.get("ingest_median_by_workers", {}).get("1", {}), "files_per_s",
+                                                "{:,.0f}"), ""),
         ("peak RSS ingest / worker MiB (imports)", f"{g(ing, 'peak_rss_mib', '{:,.0f}')} / "
          f"{g(ing, 'peak_rss_worker_mib', '{:,.0f}')} ({g(ing, 'rss_before_mib', '{:,.0f}')})", ""),
         ("manifest bytes (json + npz)", f"{ing.get('manifest_json_bytes', 0) + ing.get('columns_bytes', 0):,}",

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -413,11 +414,17 @@ def _scan_split(split_dir: Path, work: _Work) -> _Scan:
     root = split_dir.parent.stat()
     ancestors = frozenset({(st.st_dev, st.st_ino), (root.st_dev, root.st_ino)})
     root_len = len(str(split_dir.parent)) + 1
-    tasks = [(k, (str(split_dir / c), root_len, ancestors)) for k, c in enumerate(classes)]
-    walked = dict(work.pool.map_unordered(_walk_class, tasks, work.parallel(len(classes), PARALLEL_MIN_CLASSES)))
-    walked = [walked[k] for k in range(len(classes))]
+    per_task = max(1, len(classes) // (8 * work.pool.workers))        # few round trips, balanced
+    tasks = [(k, ([str(split_dir / c) for c in classes[k:k + per_task]], root_len, ancestors))
+             for k in range(0, len(classes), per_task)]
+    done = dict(work.pool.map_unordered(_walk_classes, tasks, work.parallel(len(classes), PARALLEL_MIN_CLASSES)))
+    walked = [w for k in sorted(done) for w in done[k]]
     return _Scan(classes, [w[0] for w in walked], [w[1] for w in walked],
                  bad + [b for w in walked for b in w[2]])
+
+
+def _walk_classes(class_dirs: list[str], root_len: int, ancestors: frozenset) -> list:
+    return [_walk_class(d, root_len, ancestors) for d in class_dirs]
 
 
 def _scan_imagefolder(root: Path, work: _Work) -> dict[str, _Scan]:
@@ -449,13 +456,17 @@ def _build_imagefolder(cache_dir: Path, files_dir: Path, root: Path, scan: dict[
     counts = [len(fs) for n in names for fs in scan[n].files]
     owner = np.repeat(np.arange(2 * nc), counts)            # split * nc + class, per file
     chunk = min(CHUNK_FILES, max(8, -(-len(rels) // 100)))  # depends on the file count only
-    results, _ = run_chunks(work.pool, _check_images, rels, chunk, files_dir / ".chunks",
-                            args=(str(root), str(files_dir.resolve()), files_dir.name),
-                            parallel=work.parallel(len(rels), PARALLEL_MIN_FILES),
-                            desc=f"ingest {root}")
-    bad = [b for n in names for b in scan[n].bad]
-    ok = np.fromiter((not isinstance(r, str) for r in results), bool, len(results))
-    bad += [(os.path.join(root, rels[i]), results[i]) for i in np.flatnonzero(~ok).tolist()]
+    chunks, _ = run_chunks(work.pool, _check_images, rels, chunk, files_dir / ".chunks",
+                           args=(str(root), str(files_dir.resolve()), files_dir.name),
+                           parallel=work.parallel(len(rels), PARALLEL_MIN_FILES), desc=f"ingest {root}")
+    # Columns over all files, in order (few Python objects: this runs at millions of files).
+    hw = np.stack([np.fromiter(itertools.chain.from_iterable(c[k] for c in chunks), np.int64, len(rels))
+                   for k in ("h", "w")], axis=1)
+    converted = {k * chunk + i: rel for k, c in enumerate(chunks) for i, rel in c["converted"]}
+    failed = [(k * chunk + i, why) for k, c in enumerate(chunks) for i, why in c["bad"]]
+    bad = [b for n in names for b in scan[n].bad] + [(os.path.join(root, rels[i]), why) for i, why in failed]
+    ok = np.ones(len(rels), bool)
+    ok[[i for i, _ in failed]] = False
     kept = np.bincount(owner[ok], minlength=2 * nc).reshape(2, nc)
     listed = np.array(counts, np.int64).reshape(2, nc)
     # A class with no usable image in a split is dropped from both (consistent labels).
@@ -477,26 +488,37 @@ def _build_imagefolder(cache_dir: Path, files_dir: Path, root: Path, scan: dict[
                           f"({len(bad)} bad item(s), e.g. {bad[0][0]}: {bad[0][1]}); add images")
     label = np.full(nc, -1, np.int64)
     label[[classes.index(c) for c in final]] = np.arange(len(final))
+    # In place: relative to the root (prefix 1); converted: relative to the cache (prefix 0).
+    which = np.ones(len(rels), np.uint8)
+    which[list(converted)] = 0
+    shown = list(rels)
+    for i, rel in converted.items():
+        shown[i] = rel
     splits = {}
     for s, name in enumerate(names):
-        idx = np.flatnonzero(ok & (owner // nc == s) & (label[owner % nc] >= 0)).tolist()
-        rows = [results[i] for i in idx]
-        # In place: relative to the root (prefix 1); converted: relative to the cache (0).
-        splits[name] = {"paths": [r[2] if len(r) == 3 else rels[i] for i, r in zip(idx, rows)],
-                        "which": [0 if len(r) == 3 else 1 for r in rows],
-                        "labels": label[owner[idx] % nc], "sizes": [r[:2] for r in rows]}
+        idx = np.flatnonzero(ok & (owner // nc == s) & (label[owner % nc] >= 0))
+        splits[name] = {"paths": [shown[i] for i in idx.tolist()], "which": which[idx],
+                        "labels": label[owner[idx] % nc], "sizes": hw[idx]}
     return {"classes": final, "root": str(root), "splits": splits, "skipped": [list(b) for b in bad],
             "dropped_classes": dropped}
 
 
-def _check_images(rels: list[str], root: str, files_dir: str, files_name: str) -> list:
-    """Per file (relative to `root`): [h, w] (used in place), [h, w, path of the RGB PNG
-    written under `files_dir`, relative to the cache] or the reason it is skipped."""
-    out = []
-    for rel in rels:
+def _check_images(rels: list[str], root: str, files_dir: str, files_name: str) -> dict:
+    """Files relative to `root`, checked: {"h": [...], "w": [...] (0 when skipped),
+    "converted": [[i, the RGB PNG written under `files_dir`, relative to the cache], ...],
+    "bad": [[i, why it is skipped], ...]}."""
+    out = {"h": [], "w": [], "converted": [], "bad": []}
+    for i, rel in enumerate(rels):
         sub = os.path.dirname(rel).split(os.sep, 2)[:2]          # <split folder>/<class>
         r = _check_image(os.path.join(root, rel), os.path.join(files_dir, *sub))
-        out.append(r if isinstance(r, (str, list)) else [*r[1], "/".join([files_name, *sub, r[0]])])
+        if isinstance(r, str):
+            out["bad"].append([i, r])
+            r = [0, 0]
+        elif isinstance(r, tuple):
+            out["converted"].append([i, "/".join([files_name, *sub, r[0]])])
+            r = r[1]
+        out["h"].append(r[0])
+        out["w"].append(r[1])
     return out
 
 

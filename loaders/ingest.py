@@ -3,9 +3,9 @@
 - `WorkerPool`: a context manager over a process pool (fork) whose workers ignore Ctrl-C,
   die with their parent (PR_SET_PDEATHSIG on Linux, also after a SIGKILL of the parent) and
   never outlive the `with` block; with one worker everything runs in-process.
-- `run_chunks`: a function over items in fixed-size chunks; each chunk's results are saved
-  (atomically) in a folder as it finishes, so a killed run re-uses them, and the results
-  come back in item order whatever the number of workers.
+- `run_chunks`: a function over items in fixed-size chunks; each chunk's result is saved
+  (atomically) in a folder as it finishes, so a killed run re-uses it, and the results
+  come back in chunk order whatever the number of workers.
 - `Progress`: a tqdm bar with ETA on an interactive stderr, else one line every 10 s.
 """
 from __future__ import annotations
@@ -138,23 +138,23 @@ def _run_chunk(fn: Callable, folder: str | None, index: int, size: int, items: l
     if folder is not None:          # atomic, without fsync: this survives a kill, not a power cut
         path = _chunk_file(Path(folder), index, size)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"n": len(items), "results": out}))
+        tmp.write_text(json.dumps({"n": len(items), "result": out}))
         os.replace(tmp, path)
     return out
 
 
-def _load_chunk(path: Path, n: int) -> list | None:
+def _load_chunk(path: Path, n: int):
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return d["results"] if isinstance(d, dict) and d.get("n") == n and len(d.get("results", ())) == n else None
+    return d["result"] if isinstance(d, dict) and d.get("n") == n and "result" in d else None
 
 
 def run_chunks(pool: WorkerPool, fn: Callable, items: Sequence, size: int, folder: Path | None, *,
                args: tuple = (), parallel: bool = True, desc: str = "ingest") -> tuple[list, int]:
-    """`fn(chunk_of_items, *args)` (a module-level function returning one JSON-able result
-    per item) over `items` in chunks of `size`; returns (results in item order, number of
+    """`fn(chunk_of_items, *args)` (a module-level function returning a JSON-able result)
+    over `items` in chunks of `size`; returns (the chunks' results in order, number of
     chunks found already done in `folder`). `folder` None: nothing saved."""
     starts = range(0, len(items), size)
     results: list = [None] * len(starts)
@@ -162,17 +162,18 @@ def run_chunks(pool: WorkerPool, fn: Callable, items: Sequence, size: int, folde
         folder.mkdir(parents=True, exist_ok=True)
         for k, s in enumerate(starts):
             results[k] = _load_chunk(_chunk_file(folder, k, size), len(items[s:s + size]))
-    reused = sum(r is not None for r in results)
-    if reused:
-        print(f"{desc}: resuming: {reused}/{len(starts)} chunks ({sum(map(len, filter(None, results))):,} files) "
-              f"already done in {folder}", file=sys.stderr, flush=True)
     todo = [(k, (fn, None if folder is None else str(folder), k, size, list(items[s:s + size]), args))
             for k, s in enumerate(starts) if results[k] is None]
-    progress = Progress(len(items), desc, initial=len(items) - sum(len(t[1][4]) for t in todo))
+    left = sum(len(t[1][4]) for t in todo)
+    reused = len(starts) - len(todo)
+    if reused:
+        print(f"{desc}: resuming: {reused}/{len(starts)} chunks ({len(items) - left:,} files) "
+              f"already done in {folder}", file=sys.stderr, flush=True)
+    progress = Progress(len(items), desc, initial=len(items) - left)
     try:
         for k, out in pool.map_unordered(_run_chunk, todo, parallel=parallel and len(todo) > 1):
             results[k] = out
-            progress.update(len(out))
+            progress.update(len(items[starts[k]:starts[k] + size]))
     finally:
         progress.close()
-    return [r for chunk in results for r in chunk], reused
+    return results, reused

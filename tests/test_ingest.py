@@ -281,13 +281,14 @@ def test_benchmark_runs_end_to_end_on_a_small_tree(tmp_path):
     """benchmarks/ingest.py on 200 files: every phase reports, the JSON has the extrapolation."""
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.ingest", "--root", str(tmp_path / "b"), "--files", "200",
-                        "--classes", "4", "--ffcv-files", "0", "--sample", "20", "--json", str(out),
+                        "--classes", "4", "--ffcv-files", "0", "--sample", "20", "--json", str(out), "--repeats", "1",
                         "--phases", "generate,ingest,reload,epoch,checks", "--clean"],
                        cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert not [k for k, v in res.items() if isinstance(v, dict) and "error" in v], res
     assert res["ingest"]["files"] == 200 and res["ingest"]["skipped"] == 0 and res["ingest"]["files_per_s"] > 0
+    assert set(res["ingest_median_by_workers"]) == {"0", "1"} and len(res["ingest_runs"]) == 2
     assert res["reload"]["manifest_load_s"] > 0 and res["extrapolated"]["files"] == 1_281_167
     assert "path_list_s" in res["epoch"] and res["checks"]["header_us_64x48"] > 0
     assert "ImageNet" in r.stdout and not (tmp_path / "b").exists()
