@@ -91,11 +91,12 @@ def test_columns_read_like_the_tuples_they_replace():
     assert p.index(want[2]) == 2 and want[3] in p and hash(p) == hash(want)
     assert pickle.loads(pickle.dumps(p)) == p and json.loads(json.dumps(list(p))) == list(want)
     labels, sizes = Column.of([3, 0, 999], signed=True), Column.of([(32, 48), (1, 1), (3000, 4000)], width=2)
-    assert labels._a.dtype == np.int16 and sizes._a.dtype == np.uint16
+    assert np.asarray(labels).dtype == np.int16 and np.asarray(sizes).dtype == np.uint16
     assert labels == (3, 0, 999) and type(labels[0]) is int and labels[np.int64(2)] == 999
     assert sizes[2] == (3000, 4000) and set(sizes) == {(32, 48), (1, 1), (3000, 4000)}
     assert torch.as_tensor(labels, dtype=torch.int64).tolist() == [3, 0, 999]
     assert np.asarray(sizes).shape == (3, 2) and sizes[:2] == ((32, 48), (1, 1))
+    assert labels.nbytes == 6 and sizes.nbytes == 12 and p.nbytes == len("".join(rels).encode()) + 4 + 4 * 2
     with pytest.raises(TypeError):
         labels[0] = 1                                             # read-only, as a tuple
     with pytest.raises(ValueError):
