@@ -47,6 +47,11 @@ def _peak_mib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def _cpu_s(who) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def _best(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -99,15 +104,19 @@ def phase_ingest(a) -> dict:
     from loaders.datasets import load_dataset
     shutil.rmtree(a.cache, ignore_errors=True)
     rss0 = _rss_mib()                      # the imports (torch, via loaders.common)
+    cpu0 = _cpu_s(resource.RUSAGE_SELF)
     t = time.perf_counter()
     ds = load_dataset(f"imagefolder:{a.root}", a.cache, workers=a.workers)
     wall = time.perf_counter() - t
+    cpu_parent, cpu_workers = _cpu_s(resource.RUSAGE_SELF) - cpu0, _cpu_s(resource.RUSAGE_CHILDREN)
     n = len(ds.train) + len(ds.val)
     m = ds.cache_dir / "manifest.json"
     cols = [ds.cache_dir / s["columns"] for s in json.loads(m.read_text())["splits"].values()]
     return {"workers": a.workers, "loadavg_1m": os.getloadavg()[0],
             "files": n, "train": len(ds.train), "val": len(ds.val), "skipped": len(ds.skipped),
-            "ingest_s": wall, "files_per_s": n / wall, "rss_before_mib": rss0, "peak_rss_mib": _peak_mib(),
+            "ingest_s": wall, "files_per_s": n / wall, "cpu_s_parent": cpu_parent, "cpu_s_workers": cpu_workers,
+            "cpu_us_per_file": 1e6 * (cpu_parent + cpu_workers) / n,
+            "rss_before_mib": rss0, "peak_rss_mib": _peak_mib(),
             "peak_rss_worker_mib": _peak_mib(resource.RUSAGE_CHILDREN),
             "manifest_json_bytes": m.stat().st_size, "columns_bytes": sum(p.stat().st_size for p in cols)}
 
@@ -349,6 +358,8 @@ def table(res: dict) -> str:
         ("files (train + val)", g(ing, "files", "{:,}"), g(ex, "files", "{:,}")),
         ("ingest wall s", g(ing, "ingest_s", "{:,.1f}"), g(ex, "ingest_s", "{:,.0f}")),
         ("ingest files/s, all workers (median)", g(ing, "files_per_s", "{:,.0f}"), ""),
+        ("ingest CPU us/file (parent s, workers s)", f"{g(ing, 'cpu_us_per_file', '{:.0f}')} ({g(ing, 'cpu_s_parent', '{:.1f}')}, "
+         f"{g(ing, 'cpu_s_workers', '{:.1f}')})", ""),
         ("ingest files/s, 1 worker (median)", g(res.get("ingest_median_by_workers", {}).get("1", {}), "files_per_s",
                                                 "{:,.0f}"), ""),
         ("peak RSS ingest / worker MiB (imports)", f"{g(ing, 'peak_rss_mib', '{:,.0f}')} / "
