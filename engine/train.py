@@ -111,7 +111,7 @@ class Trainer:
         self.memory_estimate = check_fits(probe, self.spec.size, cfg.batch_size, self.amp, self.device,
                                           self.local_world)
         # --- the data, the engine, the loaders -------------------------------------------
-        self.data = load_dataset(cfg.data, cfg.cache_dir, strict=cfg.strict)
+        self.data = load_dataset(cfg.data, cfg.cache_dir, strict=cfg.strict, workers=cfg.ingest_workers)
         self._check_data()
         torch.manual_seed(cfg.seed)                  # the same initial weights as before the probe
         self.engine = build_engine(cfg, self.data.num_classes, self.device, self.amp, world=self.world,
