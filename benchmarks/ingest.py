@@ -185,12 +185,12 @@ def phase_epoch(a) -> dict:
     except ImportError as e:
         out["dali"] = f"not available ({e})"
         return out
-    opts = LoaderOptions(train=True, batch_size=256, workers=1)
+    opts = LoaderOptions(train=True, batch_size=min(256, n), workers=1)
     t = time.perf_counter()
     loader = DaliLoader(split, AugmentSpec(size=64), opts)
     out["dali_loader_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    idx = loader.rank_indices(0)
+    idx = loader.sample_indices(0)
     files, labels = [split.paths[i] for i in idx], [int(i) for i in idx]
     out["dali_epoch_lists_s"] = time.perf_counter() - t
     del files, labels

@@ -17,6 +17,7 @@ Details, rules and measurements: docs/datasets.md.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -31,7 +32,6 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
