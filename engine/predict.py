@@ -35,14 +35,13 @@ def image_files(args: list[str]) -> list[tuple[Path, bool]]:
     for a in args:
         p = Path(a)
         if p.is_dir():
-            bad: list[tuple[str, str]] = []
-            found = _walk_class(p, bad, set())
+            found, _, bad = _walk_class(str(p), 0, frozenset())     # root_len 0: full paths
             for path, reason in bad:
                 print(f"warning: skipping {path}: {reason}", file=sys.stderr, flush=True)
             if not found:
                 raise ConfigError(f"{a}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder; "
                                   "pass images or a folder holding some")
-            out += [(f, False) for f in found]
+            out += [(Path(f), False) for f in found]
         elif p.is_file():
             out.append((p, True))
         else:

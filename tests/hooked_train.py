@@ -38,7 +38,7 @@ def hooks_from_args(argv: list[str]) -> tuple[Hooks, list[str]]:
         _sleep_after(torch, "save", ns.debug_save_sleep, lambda obj, f, *a, **k: str(f).endswith(".tmp"))
     if ns.debug_ingest_sleep:
         import loaders.datasets
-        _sleep_after(loaders.datasets, "_ingest_image", ns.debug_ingest_sleep)
+        _sleep_after(loaders.datasets, "_check_image", ns.debug_ingest_sleep)
     hooks = Hooks()
     nan_steps = {int(s) for s in ns.debug_nan_steps.split(",") if s}
     if nan_steps:
