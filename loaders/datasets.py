@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock
+from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, read_rgb, view_of
 
 MANIFEST_VERSION = 2            # 2: files-<fingerprint> folders, skip reasons, dropped classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -136,11 +136,12 @@ def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Datase
     raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH or cifar10:PATH")
 
 
-def decoded(split: Split, size: int | None = None) -> np.ndarray:
+def decoded(split: Split, size: int | None = None, view: str = "stretch", spec=None) -> np.ndarray:
     """The split as one uint8 array (N, H, W, 3), decoded once and cached as .npy.
 
     Images keep their native size when they all share it and `size` is None; otherwise
-    each is resized (bilinear, antialiased) to size x size."""
+    each is resized (bilinear, antialiased) to size x size, or with view "center" made
+    the evaluation view of `spec` (`common.view_of`)."""
     sizes = set(split.sizes)
     if size is None:
         if len(sizes) != 1:
@@ -149,7 +150,8 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
         h, w = sizes.pop()
     else:
         h = w = size
-    out = split.cache_dir / f"{split.name}-decoded-{h}x{w}.npy"
+    tag = f"-center{spec.eval_size}" if view == "center" else ""
+    out = split.cache_dir / f"{split.name}-decoded-{h}x{w}{tag}.npy"
     key = _hash("\n".join(split.paths))[:12]
     meta = out.with_suffix(".key")
     with file_lock(split.cache_dir / ".lock"):
@@ -157,6 +159,9 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
             return np.load(out, mmap_mode="r")
         arr = np.empty((len(split), h, w, 3), np.uint8)
         for i, p in enumerate(split.paths):
+            if view == "center":
+                arr[i] = view_of(read_rgb(p), view, spec).permute(1, 2, 0).numpy()
+                continue
             with Image.open(p) as im:
                 im = im.convert("RGB")
                 if im.size != (w, h):
