@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import tempfile
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders.common import ConfigError, atomic_path
+from loaders.common import ConfigError, atomic_path, temp_beside
 
 LAST, PREV = "last.pt", "prev.pt"
 FORMAT = 2                  # 2: typed Position/Progress, classes
@@ -71,16 +70,14 @@ def save_rotating(run_dir: Path, state: dict) -> Path:
     """Write `state` as run_dir/last.pt, keeping the previous last.pt as prev.pt."""
     run_dir = Path(run_dir)
     last, prev = run_dir / LAST, run_dir / PREV
-    fd, tmp = tempfile.mkstemp(prefix=".last.pt.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
+    tmp = link = temp_beside(last)
     try:
         torch.save({**state, "format": FORMAT}, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if last.exists():
-            link = run_dir / f".prev.pt.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
+            link = temp_beside(prev)
+            link.unlink()                       # os.link wants a free name
             try:
                 os.link(last, link)
             except OSError:                     # no hard links here: copy instead
@@ -90,8 +87,9 @@ def save_rotating(run_dir: Path, state: dict) -> Path:
         os.replace(tmp, last)
         _fsync_dir(run_dir)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for f in {tmp, link}:                   # a failed write leaves no temp file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
         raise
     return last
 

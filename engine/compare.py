@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from engine.config import config_from_args
-from engine.metrics import read_csv
+from engine.metrics import read_csv, save_figure
 from engine.models import build_model, count_params, forward_flops
 from engine.train import Trainer
-from loaders.common import ConfigError, atomic_path, atomic_write
+from loaders.common import ConfigError, atomic_write
 
 COLUMNS = ("model", "params", "gflops_per_image", "best_val_acc", "time_to_target_s", "images_per_s", "wall_s")
 
@@ -45,10 +45,7 @@ def plot(rows: list[dict], path: Path, target: float) -> None:
     if target:
         axes[0].axhline(target, ls="--", color="grey", label=f"target {target:.0%}")
         axes[0].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:

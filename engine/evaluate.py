@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from engine.inference import TrainedRun, class_list, cli_errors, load_run, parser, run_logits
+from engine.metrics import save_figure
 from loaders.base import LoaderOptions, build_loader
-from loaders.common import ConfigError, atomic_path, atomic_write
+from loaders.common import ConfigError, atomic_write
 from loaders.datasets import load_dataset
 
 MAX_PRINTED = 20                 # classes up to which the matrix is printed and annotated
@@ -96,10 +97,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("true class")
     tta = " (tta)" if res["tta"] else ""
     ax.set_title(f"{Path(res['run']).name}, {res['data']} {res['split']}: accuracy {res['accuracy']:.4f}{tta}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

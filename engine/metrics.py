@@ -28,6 +28,15 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -47,10 +56,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     axes[0, 0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class TensorBoardLog:

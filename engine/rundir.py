@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loaders.common import DISK_FULL, ConfigError
+from loaders.common import DISK_FULL, ConfigError, remove_stale_temps
 from engine.memory import fmt_bytes
 
 
@@ -64,8 +64,11 @@ class RunFolder:
         self.path, self.rank = Path(path), rank
 
     def create(self) -> None:
+        """Make the folder (new run) or take it over (resume): temp files a killed process
+        left there are deleted (`remove_stale_temps`: never a live writer's)."""
         if self.rank == 0:
             self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)
 
     def write(self, name: str, fn, essential: bool = False) -> bool:
         """Run `fn` (which writes self.path/name atomically); rank 0 only. A full disk:

@@ -8,6 +8,8 @@
   the errnos that mean "no space".
 - `file_lock`: an exclusive lock on a lock file for every check-and-build of a cache; a dead
   holder never blocks, a long wait says on whom it waits.
+- `remove_stale_temps` / `die_with_parent`: no temp file and no worker process outlives a
+  killed writer (temp names carry the writer's pid; workers die with their parent).
 - `device_free_bytes`: what can still be allocated on a device (CUDA free memory, CPU
   MemAvailable).
 - `read_rgb`: one image file -> uint8 CHW RGB tensor (PIL, as torchvision's ImageFolder).
@@ -19,9 +21,13 @@ Loader backends never import each other; what two of them need lives here.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import multiprocessing
 import os
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_PR_SET_PDEATHSIG = 1             # <linux/prctl.h>
 
 
 class ConfigError(ValueError):
@@ -45,10 +52,9 @@ def atomic_path(path: str | os.PathLike):
     previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +67,85 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def temp_beside(path: str | os.PathLike) -> Path:
+    """A new empty file `.<name>.<pid>.<random>.tmp` beside `path`: the writer's pid in the
+    name tells `remove_stale_temps` whether its writer still lives."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _temp_pid(name: str) -> int | None:
+    """The writer's pid in a temp name `.<name>.<pid>.<random>.tmp`; None for other names."""
+    parts = name[1:-len(".tmp")].split(".")
+    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:                            # no /proc
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, pattern: str = ".*.tmp", *, recursive: bool = False,
+                       legacy_age: float = 3600.0) -> list[Path]:
+    """Delete the temp files (`pattern`) in `folder` left by writers that died: those whose
+    pid (`temp_beside` names) is no live process here, and those without a pid (older
+    versions' names) last modified over `legacy_age` seconds ago. Returns what was deleted.
+
+    Pids are this host's: call it where one host writes the folder, or under the lock every
+    writer of those files holds (then no other writer can be mid-write)."""
+    folder = Path(folder)
+    removed = []
+    for p in (folder.rglob if recursive else folder.glob)(pattern):
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or not p.name.endswith(".tmp"):
+            continue
+        pid = _temp_pid(p.name)
+        stale = not pid_alive(pid) if pid is not None else time.time() - st.st_mtime > legacy_age
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a worker process: be SIGKILLed by the kernel when the parent dies (Linux
+    `PR_SET_PDEATHSIG`; a no-op elsewhere), so no worker outlives a killed run. Call it
+    first thing in the worker (a Process's run, a Pool initializer, a worker_init_fn).
+
+    `parent_pid` (default: multiprocessing's parent process) closes the race of a parent
+    that died before the call: the worker then kills itself. Note: the signal follows the
+    parent *thread* that forked the worker; fork workers from a thread that outlives them."""
+    if not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
+    # Reparented already: the parent died before the prctl. (Under forkserver the direct
+    # parent is the server, not `parent_pid`: so ask whether `parent_pid` still lives.)
+    if parent_pid is not None and os.getppid() != parent_pid and not pid_alive(parent_pid):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, read_rgb, view_of
+from loaders.common import (DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, read_rgb,
+                            remove_stale_temps, view_of)
 
 MANIFEST_VERSION = 2            # 2: files-<fingerprint> folders, skip reasons, dropped classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -212,6 +213,7 @@ def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
 def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:
     manifest_path = cache_dir / "manifest.json"
     with file_lock(cache_dir / ".lock"):
+        remove_stale_temps(cache_dir)       # what a killed ingest left (manifest, decoded .npy temps)
         m = None
         if manifest_path.exists():
             try:

@@ -66,8 +66,8 @@ with _torch_threads_kept():
 
 from loaders.augment import augment
 from loaders.base import EpochLoader, LoaderOptions, batch_seed, derive_seed, epoch_indices
-from loaders.common import (ConfigError, atomic_path, atomic_write, device_free_bytes, file_lock, read_rgb,
-                            storage_view, view_of)
+from loaders.common import (ConfigError, atomic_path, atomic_write, device_free_bytes, die_with_parent, file_lock,
+                            read_rgb, remove_stale_temps, storage_view, view_of)
 from loaders.spec import AugmentSpec
 
 
@@ -240,12 +240,20 @@ class _WorkerDied(Exception):
 
 
 class _TrackedProcess(multiprocessing.Process):
-    """FFCV's writer workers, recorded so the watchdog can read their exit codes."""
+    """FFCV's writer workers, recorded so the watchdog can read their exit codes; each dies
+    with the process that started it (a SIGKILLed run leaves no writer behind)."""
     started: list = []
 
     def start(self):
         super().start()
         _TrackedProcess.started.append(self)
+
+    def run(self):
+        die_with_parent()
+        super().run()
+
+
+ffcv_writer.Process = _TrackedProcess
 
 
 def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
@@ -255,11 +263,11 @@ def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
     main thread; a watchdog thread interrupts it with SIGUSR1 (a temporary handler; SIGINT
     handlers stay untouched). Off the main thread: no watchdog. FFCV 1.0.2's writer hang:
     docs/loaders.md."""
+    workers = _TrackedProcess.started = []
     if threading.current_thread() is not threading.main_thread():
         writer.from_indexed_dataset(dataset, chunksize=chunksize)
         return
     stop, why = threading.Event(), []
-    workers = _TrackedProcess.started = []
 
     def watch():
         gone_since = None
@@ -284,7 +292,6 @@ def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
 
     old = signal.signal(signal.SIGUSR1, interrupted)
     watchdog = threading.Thread(target=watch, name="ffcv-writer-watchdog", daemon=True)
-    ffcv_writer.Process = _TrackedProcess
     watchdog.start()
     try:
         writer.from_indexed_dataset(dataset, chunksize=chunksize)
@@ -297,7 +304,6 @@ def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
     finally:
         stop.set()
         watchdog.join()
-        ffcv_writer.Process = multiprocessing.Process
         signal.signal(signal.SIGUSR1, old)
 
 
@@ -362,7 +368,9 @@ def ensure_beton(split, hw: tuple[int, int], options: BetonOptions = BetonOption
     if len(split) == 0:
         raise ConfigError(f"ffcv: the {split.name} split has no images; check --data")
     path = beton_path(split, hw, options, view, spec)
-    with file_lock(path.parent / (path.name.rsplit("-", 1)[0] + ".lock")):
+    stem = path.name.rsplit("-", 1)[0]
+    with file_lock(path.parent / (stem + ".lock")):
+        remove_stale_temps(path.parent, f".{stem}-*.tmp")    # a killed writer's (.beton, sidecar)
         b = None if force else _existing(path, len(split))
         if b is None:
             b = _write(split, hw, options, path, workers, strict, view, spec)

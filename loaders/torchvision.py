@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from loaders.base import EpochLoader, LoaderOptions, derive_seed, to_model_layout
-from loaders.common import read_rgb
+from loaders.common import die_with_parent, read_rgb
 from loaders.spec import AugmentSpec
 
 BILINEAR = InterpolationMode.BILINEAR
@@ -105,6 +105,10 @@ class _Keys(Sampler):
         return len(self.keys)
 
 
+def _worker_init(worker_id: int) -> None:
+    die_with_parent()                    # a SIGKILLed run leaves no DataLoader worker behind
+
+
 class TorchvisionLoader(EpochLoader):
     """The `base.Loader` contract over a torch DataLoader; each sample's augmentation is
     seeded by `derive_seed(seed, "sample", epoch, index)` in the worker that decodes it."""
@@ -121,7 +125,8 @@ class TorchvisionLoader(EpochLoader):
             self.dataset, batch_size=opts.batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=opts.device.type == "cuda",
             persistent_workers=workers > 0, drop_last=opts.drop,
-            prefetch_factor=4 if workers > 0 else None, generator=self._generator)
+            prefetch_factor=4 if workers > 0 else None, generator=self._generator,
+            worker_init_fn=_worker_init)
 
     def __iter__(self):
         epoch, first = self._begin()

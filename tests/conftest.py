@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets made inside the tests, and the real CIFAR-10 JPEGs from
-../shared/datasets when present (tests that need them skip with a reason otherwise)."""
+../shared/datasets when present (tests that need them skip with a reason otherwise); the
+processes a test started (`children`, `descendants`, `running`), read from /proc."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,37 @@ def run_two_ranks(script: str, split, tmp_path, timeout: int) -> list:
         assert p.returncode == 0, se[-3000:]
         outs.append(json.loads(so.strip().splitlines()[-1]))
     return outs
+
+
+def _stat(pid) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: no procps needed)."""
+    return [int(d.parent.name) for d in Path("/proc").glob("[0-9]*/stat")
+            if (f := _stat(d.parent.name)) and int(f[1]) == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, their children, and so on."""
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def running(pids, within: float = 0.0) -> list[int]:
+    """Those of `pids` still running (zombies count as gone) after waiting up to `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        left = [p for p in pids if (f := _stat(p)) and f[0] not in "ZX"]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)

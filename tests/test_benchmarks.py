@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def test_throughput_train_rows_schema(tmp_path):
@@ -48,3 +48,29 @@ def test_throughput_train_rows_schema(tmp_path):
     e2e = [r for r in rows if r["kind"] == "end_to_end"]
     assert {r["loader"] for r in e2e} == {"torchvision", "resident"}
     assert all(0 <= r["data_wait_frac"] <= 1 for r in e2e)
+
+
+def test_parity_verdict_is_the_overlap_of_seed_ranges():
+    from benchmarks.parity import summarise
+    runs = [dict(loader=n, seed=s, final_acc=a, best_acc=a, images_per_s=100.0, wall_s=1.0)
+            for n, accs in (("torchvision", (0.60, 0.64)), ("dali", (0.63, 0.66)), ("ffcv", (0.50, 0.55)))
+            for s, a in enumerate(accs)]
+    table = {t["loader"]: t for t in summarise(runs)}
+    assert table["dali"]["within_reference_range"] and not table["ffcv"]["within_reference_range"]
+    assert table["torchvision"]["final_acc_mean"] == pytest.approx(0.62)
+
+
+def test_parity_runs_every_loader_and_seed(tmp_path):
+    from tests.test_train import make_tiny_folder
+    data = make_tiny_folder(tmp_path / "data")
+    r = run_cli("-m", "benchmarks.parity", "--loaders", "resident", "--seeds", "0", "--preset", "cpu-demo",
+                "--epochs", "1,0,0,0", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "p"),
+                "--engine-args", f"--data imagefolder:{data} --width 0.125 --batch-size 8 --workers 0 --amp off",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "p" / "parity.json").read_text())
+    assert sorted((x["loader"], x["seed"]) for x in out["runs"]) == [("resident", 0), ("torchvision", 0)]
+    assert all(0 <= x["final_acc"] <= 1 and x["images_per_s"] > 0 for x in out["runs"])
+    assert {t["loader"] for t in out["table"]} == {"torchvision", "resident"}
+    assert isinstance(out["table"][1]["within_reference_range"], bool)
+    assert (tmp_path / "p" / "parity.png").stat().st_size > 1000 and "within reference range" in r.stdout

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TIMING
+from tests.conftest import ROOT, TIMING, children
 N_TRAIN = 61           # 10 classes x 6 + 1: one sample is truncated away for 2 ranks
 
 
@@ -66,19 +66,6 @@ def torchrun(*args, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc: no procps needed)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def loaders_here() -> list[str]:
