@@ -70,6 +70,17 @@ def _edge_weight_(gx: torch.Tensor, gy: torch.Tensor, hw: tuple[int, int]) -> to
     return gx.mul_(gy)
 
 
+def box_bounds(p: Params) -> torch.Tensor:
+    """(N,4) float32 (x min, x max, y min, y max): the normalised source coordinates of the
+    "rrc" box's first and last pixel centres. Clamping the sampling grid there replicates
+    the box's edge pixels, as torchvision's crop-then-resize does (the border of the crop,
+    not of the source)."""
+    top, left, h, w = p.box.unbind(-1)
+    H, W = p.src_hw.unbind(-1)
+    return torch.stack([(2 * left + 1) / W - 1, (2 * (left + w) - 1) / W - 1,
+                        (2 * top + 1) / H - 1, (2 * (top + h) - 1) / H - 1], dim=-1).to(torch.float32)
+
+
 def _coverage_(gx: torch.Tensor, gy: torch.Tensor, S: int) -> torch.Tensor:
     """(N,S,S) fill weight of an S-canvas sampled at normalised coordinates (gx, gy), as
     torchvision's tensor kernels apply it with fill=0; computed IN PLACE in gx (gy is
@@ -302,6 +313,8 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     if p is not None:
         p = p.to(dev)
         mats = stage_matrices(p, S) if geometric else None
+        if p.box is not None:
+            mats["bounds"] = box_bounds(p)
     small = max(x.shape[-2:]) <= S                  # else shrunk to S x S first
     if not geometric and small and x.shape[-2:] != (S, S):  # resize: identity, normalised coords
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
@@ -390,6 +403,9 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
             continue
         P, g = planes[:, :m], grid[:m]
         gx, gy = grid_planes(mats["crop"], S, proj, out=(P[0], P[1], P[2]))
+        if "bounds" in mats:                     # RandomResizedCrop reads its box only
+            b = mats["bounds"].view(m, 4, 1, 1)
+            gx.clamp_(b[:, 0], b[:, 1]), gy.clamp_(b[:, 2], b[:, 3])
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
         w = torch.grid_sampler_2d(x, g, 0, 1, False)   # bilinear, border, half-pixel
