@@ -4,14 +4,11 @@
     # -> (N,3,S,S) normalised, channels_last, in `dtype`, on the batch's device
     images = augment(batch_uint8, spec, train=False)          # resize + normalise only
 
-spec.resize "rrc": the RandomResizedCrop box is drawn on each sample's original size
-(`src_hw`) and composed into the one warp; eval_resize "center": resize + centre crop.
-
 Per-sample parameters come from `loaders.params` (one `torch.rand` per batch on the
-generator's device); `draw_params` + `apply` are the two halves. Geometry is ONE bilinear
-resampling per image through the composed matrix, the zero fill a separate coverage mask;
-content one step crops and a later one brings back is kept (`emulate_clipping=True`
-reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
+generator's device); `draw_params` + `apply` are the two halves. Geometry (an "rrc" box
+drawn on the original `src_hw` included) is ONE bilinear resampling per image through the
+composed matrix, the zero fill a separate coverage mask; content one step crops and a
+later one brings back is kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
 `spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
 1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
 (each sample's op order, clamps, HSV hue). CPU: chunks of 16 images, single-threaded

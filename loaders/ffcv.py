@@ -4,8 +4,7 @@ FFCV's compiled (numba) pipeline, every augmentation on the device through `load
 Storage: ONE content-keyed .beton per split in `<dataset cache>/ffcv/` (exact uint8 pixels
 by default, or JPEG), at the images' native size when they share one no larger than the
 training size (the upscale happens inside augment.py's warp), else at the training size
-(`common.storage_view`: stretched, the "rrc" boxes cut from it on the device, or the "center"
-eval view; photos: docs/datasets.md); written atomically under a lock; unreadable images are reported by name and left out (a
+(`common.storage_view`; photos: docs/datasets.md); written atomically under a lock; unreadable images are reported by name and left out (a
 ConfigError with `strict=True`). Loading: FFCV decodes, batches and moves uint8 to the
 device, then one `augment` call per batch does the whole spec (FFCV has no rotation,
 perspective, hue or grayscale op, and a host flip/crop would be an extra pass). Orders:

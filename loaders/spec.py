@@ -3,10 +3,8 @@
 Report, "Data Augmentation": horizontal flip; pad 4 then random crop to 128; rotation up to
 30 degrees; colour jitter; grayscale p=0.2; affine translation up to 25%; perspective
 distortion 0.3 with p=0.5; normalisation with mean (125,124,115)/255, std (60,59,64)/255.
-Images are resized to the training size before any augmentation.
-Resize policy (photos): `resize` "stretch" (the report's, default) or "rrc" (RandomResizedCrop
-in Resize's place); `eval_resize` "stretch" or "center" (short side to size/eval_crop_frac,
-centre crop). Per loader: docs/datasets.md, "Photos of any size".
+Images are resized to the training size before any augmentation (photos: `resize` "rrc",
+`eval_resize` "center" by flag; docs/datasets.md, "Photos of any size").
 
 Decisions the report leaves open (stated here, honoured by every loader):
 - colour jitter: brightness 0.2, contrast 0.2, saturation 0.2, hue 0.05 (torchvision
