@@ -57,16 +57,19 @@ class Draws:
     mapping augment.py uses, in torch on the CPU) -> DALI's operator arguments."""
 
     def __init__(self, spec: AugmentSpec, train: bool = True, scale_src: bool = True,
-                 src_hw: tuple[int, int] | None = None, rrc_decode: str = "slice"):
+                 src_hw: tuple[int, int] | None = None, rrc_decode: str = "slice",
+                 shrink: bool = False):
         """`scale_src`: the warp also resizes the source to the training size; `src_hw`:
         the sources' common (height, width), or None when sizes vary (then the pipeline
         passes each image's shape). spec.resize "rrc": the pipeline passes each file's
         shape; `rrc_decode` "slice": the box is decoded alone (outputs "anchor", "shape")
-        and resized to the training size before the warp; "full": the warp cuts it."""
+        and, with `shrink` (sources larger than S), resized to S x S by the pipeline, else
+        mapped onto the canvas by the warp; "full": the warp cuts it from the image."""
         self.spec = spec if train else replace(spec.without(), resize="stretch")
         sp = self.spec
         self.rrc = sp.resize == "rrc"
         self.slice = self.rrc and rrc_decode == "slice"
+        self.shrink = self.slice and shrink
         self.boxed = self.rrc and not self.slice          # the box is part of the warp
         self.scale_src = scale_src and not self.slice
         self.src_hw = src_hw if self.scale_src else (spec.size, spec.size)
@@ -75,10 +78,10 @@ class Draws:
         self.colour = sp.jitter or sp.grayscale
         self.width = ncols(sp) if sp.any_enabled else 0
         # What the pipeline needs from this object, per batch.
-        self.warp = self.geometric or self.scale_src or self.boxed
+        self.warp = self.geometric or self.scale_src or (self.rrc and not self.shrink)
         self.shape_input = self.scale_src and src_hw is None and not self.rrc
         self.outputs = ["anchor", "shape"] if self.slice else []
-        if self.warp and (self.geometric or sp.flip or self.shape_input or self.boxed):
+        if self.warp and (self.geometric or sp.flip or self.shape_input or self.rrc):
             self.outputs.append("matrix")
         elif not self.warp and sp.flip:
             self.outputs.append("mirror")
@@ -105,6 +108,7 @@ class Draws:
             hw = orig                                   # decoded at the files' own sizes
         if self.slice:                                  # (x, y) and (w, h) for image_slice
             outs["anchor"], outs["shape"] = p.box[:, [1, 0]], p.box[:, [3, 2]]
+            hw = self.src_hw if self.shrink else p.box[:, 2:]
         if "matrix" in self.outputs:
             outs["matrix"] = warp_matrix(p, self.spec.size, hw, box=self.boxed)
         if "mirror" in self.outputs:
@@ -173,7 +177,7 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
                jpeg_fancy_upsampling=True)
     center = not train and spec.eval_resize == "center"
     draws = Draws(spec, train, scale_src=source_first and source_hw != (s, s) and not center,
-                  src_hw=source_hw, rrc_decode=rrc_decode)
+                  src_hw=source_hw, rrc_decode=rrc_decode, shrink=not source_first)
     if not draws.slice:
         img = fn.decoders.image(jpegs, adjust_orientation=False, **dec)
     if center:             # Resize(short side) + CenterCrop, torchvision's arithmetic
@@ -205,10 +209,11 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         outs = fn.python_function(*inputs, function=draws, batch_processing=True,
                                   num_outputs=len(draws.outputs))
         outs = dict(zip(draws.outputs, outs if len(draws.outputs) > 1 else [outs]))
-    if draws.slice:        # RandomResizedCrop: decode the box only, resize it like the reference
+    if draws.slice:        # RandomResizedCrop: decode the box only (then as the reference: its
         img = fn.decoders.image_slice(jpegs, outs["anchor"], outs["shape"], normalized_anchor=False,
                                       normalized_shape=False, **dec)
-        img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
+        if draws.shrink:   # resize to s, antialiased; small sources: the warp upsamples it)
+            img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
         if draws.jitter:   # the contrast pivot: the grey mean of the resized box
             means = fn.reductions.mean(img, axes=[0, 1], dtype=types.FLOAT)
             outs["grey"] = fn.python_function(means.cpu() if device == "gpu" else means,

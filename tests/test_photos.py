@@ -54,17 +54,21 @@ def picture(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """12 JPEGs, 64x96 and 96x64 (HxW) alternately, each labelled with its own index."""
-    d = tmp_path_factory.mktemp("photos")
+def _jpegs(d: Path, shapes) -> Split:
+    """12 JPEGs alternating between two (H, W) shapes, each labelled with its own index."""
     paths, sizes = [], []
     for i in range(12):
-        hw = (64, 96) if i % 2 == 0 else (96, 64)
+        hw = shapes[i % 2]
         p = d / f"{i:02d}.jpg"
         Image.fromarray(picture(*hw, seed=i)).save(p, quality=95)
         paths.append(str(p)), sizes.append(hw)
     return Split("train", tuple(paths), tuple(range(12)), tuple(sizes), d / "cache")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Larger than the training size, landscape and portrait: 64x96 and 96x64 (HxW)."""
+    return _jpegs(tmp_path_factory.mktemp("photos"), ((64, 96), (96, 64)))
 
 
 def opts(**kw):
@@ -250,13 +254,17 @@ def test_rrc_in_the_torchvision_loader_is_the_reference(photos):
         assert torch.equal(x[k], ref(read_rgb(split.paths[i])))
 
 
-@pytest.mark.parametrize("mode", ["slice", "full"])
-def test_rrc_in_dali_matches_the_reference_crops(photos, mode):
-    """"slice" (the default) decodes each box alone and resizes it like the reference;
-    "full" cuts the box from the image kept at the training size, like augment.py."""
+@pytest.mark.parametrize("mode", ["slice", "full", "slice-small"])
+def test_rrc_in_dali_matches_the_reference_crops(photos, tmp_path, mode):
+    """"slice" (the default) decodes each box alone and resizes it like the reference (on
+    sources no larger than the training size, "slice-small": no resize, the warp upsamples
+    the box, its border replicated); "full" cuts the box from the image kept at the
+    training size, like augment.py."""
     if _available("dali"):
         pytest.skip("DALI not installed")
     from loaders.dali import DaliLoader
+    if mode == "slice-small":
+        photos, mode = _jpegs(tmp_path, ((40, 30), (30, 44))), "slice"
     loader = DaliLoader(photos, RRC, opts(), rrc_decode=mode)
     pipe = loader.build_pipeline(np.arange(12), seed=4, debug=True)
     out = [np.array(o.as_tensor()) for o in pipe.run()]
