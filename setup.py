@@ -22,6 +22,8 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        "webdataset>=1.0.2",           # --data webdataset: shards (brings braceexpand)
+        "braceexpand",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

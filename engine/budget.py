@@ -74,7 +74,8 @@ def replan(current: list[int], done: list[int], weights: list[int], epoch_s: flo
     active = next((i for i, (c, d) in enumerate(zip(current, done)) if d < c), len(current))
     if active == len(current):
         return None
-    fit = int(fit * (1 - MARGIN / 2))                 # a cushion: timing noise neither overruns nor re-plans
+    if fit >= 10:                                     # a cushion: timing noise neither overruns nor re-plans
+        fit = int(fit * (1 - MARGIN / 2))
     target = share(done[active] + fit, weights[active:])
     target[0] = max(target[0], done[active])
     excess = sum(target) - done[active] - fit

@@ -72,6 +72,8 @@ class Config:
     budget: str = ""                 # wall-clock budget ("4m", "90s", "1h30m"): sizes the stages' epochs
     log: str = ""                    # "tensorboard": also write TensorBoard events to <run>/tensorboard
     workers: int = 2
+    shuffle_buffer: int = 1000       # --data webdataset: samples in each stream's shuffle buffer
+    ingest_workers: int = 0          # processes ingesting a dataset folder (0: the usable cores)
     seed: int = 0
     max_params: int = 5_000_000
     out: str = "runs"
@@ -137,8 +139,8 @@ PRESETS: dict[str, dict] = {
 # What `--resume` lets the command line change: how the run is executed, not what it computes
 # (a different --device or --compile changes float rounding, not the recipe). Anything else
 # given with --resume must equal the run's value.
-RESUME_SAFE = ("resume", "workers", "log_every", "checkpoint_every", "max_bad_steps", "device", "compile",
-               "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic", "log")
+RESUME_SAFE = ("resume", "workers", "ingest_workers", "log_every", "checkpoint_every", "max_bad_steps", "device",
+               "compile", "compile_mode", "compile_backend", "kernels", "cache_dir", "strict", "deterministic", "log")
 
 
 def _parse_value(text: str, example, annotation: str = ""):
@@ -320,6 +322,8 @@ _RANGES = {
     "warmup_epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", 1),
     "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)", 0.9),
     "workers": (lambda v: v >= 0, ">= 0", 2),
+    "shuffle_buffer": (lambda v: v >= 1, ">= 1 (1 = no shuffling within shards)", 1000),
+    "ingest_workers": (lambda v: v >= 0, ">= 0 (0 = the usable cores)", 4),
     "seed": (lambda v: v >= 0, ">= 0", 0),
     "max_params": (lambda v: v >= 1, ">= 1", 5_000_000),
     "log_every": (lambda v: v >= 1, ">= 1", 20),

@@ -111,7 +111,7 @@ class Trainer:
         self.memory_estimate = check_fits(probe, self.spec.size, cfg.batch_size, self.amp, self.device,
                                           self.local_world)
         # --- the data, the engine, the loaders -------------------------------------------
-        self.data = load_dataset(cfg.data, cfg.cache_dir, strict=cfg.strict)
+        self.data = load_dataset(cfg.data, cfg.cache_dir, strict=cfg.strict, workers=cfg.ingest_workers)
         self._check_data()
         torch.manual_seed(cfg.seed)                  # the same initial weights as before the probe
         self.engine = build_engine(cfg, self.data.num_classes, self.device, self.amp, world=self.world,
@@ -119,7 +119,7 @@ class Trainer:
                                    state=self.resume_state["model"] if self.resume_state else None)
         self.model = self.engine.model
         common = dict(device=self.device, dtype=self.amp or torch.float32, seed=cfg.seed, rank=self.rank,
-                      world_size=self.world, workers=cfg.workers)
+                      world_size=self.world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
         self.train_loader = build_loader(cfg.loader, self.data.train, self.spec,
                                          LoaderOptions(train=True, batch_size=cfg.batch_size, **common))
         self.val_loader = build_loader(cfg.loader, self.data.val, self.spec,
@@ -271,9 +271,10 @@ class Trainer:
                     eng.scaler.load_state_dict(self.resume_state["scaler"])
                 mixup = v2.MixUp(alpha=stage.mixup_alpha, num_classes=self.data.num_classes) \
                     if stage.mixup_alpha > 0 else None
-                # a budget that shortens the stage shortens its warm-up in proportion
-                scale = self.plan[si][1] / self.weights[si] if self.budget_s else 1.0
-                warmup = round(stage.warmup_epochs * scale * n_batches)
+                # the warm-up keeps its length (a shorter one let the scaled-up lr stall training
+                # near chance), at most half of a stage a budget shortened
+                warm = min(stage.warmup_epochs, self.plan[si][1] / 2) if self.budget_s else stage.warmup_epochs
+                warmup = round(warm * n_batches)
                 epoch = 0 if fresh else pos.epoch
                 while epoch < self.plan[si][1]:              # a budget re-plan may change the count
                     t_epoch = time.perf_counter()

@@ -41,6 +41,7 @@ class LoaderOptions:
     world_size: int = 1
     workers: int = 2
     drop_last: bool | None = None     # None: drop the ragged last batch when training
+    shuffle_buffer: int = 1000        # webdataset shards: samples in the shuffle buffer
 
     @property
     def drop(self) -> bool:
@@ -141,7 +142,11 @@ class Loader(Protocol):
     every file when built: the resident loader stops there, FFCV leaves the file out.
 
     Randomness: a batch is a pure function of (seed, epoch, its position, rank), every
-    stream seeded through `derive_seed`."""
+    stream seeded through `derive_seed`.
+
+    Webdataset shards (`loaders.shards`): the streaming loaders (torchvision, DALI) deal
+    shards, not samples: `shards.rank_shards` and `rank_quota` replace `epoch_indices` and
+    `rank_count`, and `sample_indices` are global sample ids in delivery order."""
 
     opts: LoaderOptions
 
@@ -210,6 +215,9 @@ def available_loaders() -> list[str]:
 
 
 def build_loader(name: str, split, spec, opts: LoaderOptions) -> Loader:
+    if hasattr(split, "shards"):              # webdataset shards: loaders/shards.py builds the variant
+        from loaders.shards import build_shard_loader
+        return build_shard_loader(name, split, spec, opts)
     return loader_class(name)(split, spec, opts)
 
 

@@ -158,7 +158,7 @@ class CenterArgs:
 def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, feed=None,
                   shard_id: int = 0, num_shards: int = 1, out_dtype=types.FLOAT,
                   source_first: bool = True, source_hw: tuple[int, int] | None = None,
-                  debug: bool = False, rrc_decode: str = "slice"):
+                  debug: bool = False, rrc_decode: str = "slice", reader=None):
     """The loader's one pipeline; `device` is "cpu" or "gpu" (decode "mixed", ops "gpu").
 
     `source_first`: every source is at most `spec.size`, so colour runs at the source size
@@ -167,11 +167,16 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
     training "rrc" decodes the box alone and resizes it (`rrc_decode` "slice") or cuts it
     in the warp ("full"); evaluation "center" resizes, then slices the centre crop.
     `labels` are passed through (the loader passes sample indices and maps them).
-    Returns (images HWC normalised in out_dtype, labels int32 (N, 1)[, draws, matrices])."""
+    `reader`: a callable returning (encoded images, labels) in place of the file reader
+    (the webdataset loader's). Returns (images HWC normalised in out_dtype, labels int32
+    (N, 1)[, draws, matrices])."""
     s = spec.size
-    jpegs, labels = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
-                                    num_shards=num_shards, random_shuffle=False,
-                                    pad_last_batch=True, name=READER)
+    if reader is None:
+        jpegs, labels = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
+                                        num_shards=num_shards, random_shuffle=False,
+                                        pad_last_batch=True, name=READER)
+    else:
+        jpegs, labels = reader()
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma like libjpeg-turbo (the reference).
     dec = dict(device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
                jpeg_fancy_upsampling=True)

@@ -1,23 +1,27 @@
 """Data sources, ingested once into a cache that every loader builds its own format from.
 
-Sources (`--data`): `synthetic` (default: a deterministic built-in 10-class set of 32x32
-colour images, shapes and textures with clutter, written as JPEG so the real decode path
-runs); `imagefolder:PATH` (PATH/train and PATH/val or PATH/test, one folder per class; PATH
-may be a .tar/.tar.gz of that layout, unpacked once into the cache); `cifar10:PATH` (the
-python pickle batches). The cache (`<cache_root>/<kind>-<hash of the source path>/`) holds
-`manifest.json`: the source's fingerprint, the classes, and per split the paths, labels and
-sizes; rebuilt only when the fingerprint changes, always written atomically, under a lock.
-Loaders read `Split.paths`/`Split.labels` or `decoded(split)` (one uint8 NHWC array, cached
-as .npy). Bad data: convertible images (grayscale, RGBA, palette, 16-bit, ...) become RGB
-PNG in the cache; unusable files are skipped and reported with a reason
-(`Dataset.report()`; `strict=True` makes that a ConfigError); a class with no usable image
-is dropped from both splits. The full list and the concurrency rules: docs/loaders.md.
+Sources: `synthetic` (a deterministic 10-class 32x32 set, written as JPEGs), `imagefolder:PATH`
+(PATH/train + PATH/val or PATH/test, a folder per class; or a .tar(.gz) of that, unpacked
+once) `cifar10:PATH` (the python pickle batches) and `webdataset:PATTERN` (tar shards:
+loaders/shards.py). Design:
+- The cache `<cache_root>/<kind>-<hash>/` holds a small `manifest.json` (fingerprint, classes,
+  counts, bad items with reasons) and per split compact columns (`loaders/columns.py`); a
+  `Split` exposes them as read-only sequences. Rebuilt only when the fingerprint changes.
+- Imagefolder files are validated by header: plain RGB JPEG/PNG that end with their end
+  marker are used in place; the rest is fully decoded: converted to RGB PNG in the cache, or
+  skipped with a reason. Loaders survive a file that fails later.
+- Scan and checks run over a process pool (`loaders/ingest.py`), in chunks saved as they
+  finish: a killed ingest resumes where it stopped. Every build runs under a file lock and
+  swaps its manifest in last, atomically.
+Details, rules and measurements: docs/datasets.md.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -25,17 +29,25 @@ import pickle
 import shutil
 import stat
 import tarfile
+import warnings
+import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from loaders.columns import load_columns, save_columns
 from loaders.common import (DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, read_rgb,
                             remove_stale_temps, view_of)
+from loaders.ingest import WorkerPool, run_chunks, usable_cores
 
-MANIFEST_VERSION = 2            # 2: files-<fingerprint> folders, skip reasons, dropped classes
+MANIFEST_VERSION = 3            # 3: columns in files-<key>/<split>.npz, header checks, resumable chunks
+CHUNK_FILES = 1000              # most files per ingest chunk (a chunk's results are saved together)
+PARALLEL_MIN_FILES = 4000       # default workers: fewer files are checked in-process
+PARALLEL_MIN_CLASSES = 16       # default workers: fewer class folders are listed in-process
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 SYNTHETIC_CLASSES = ("disc", "square", "triangle", "ring", "cross",
                      "stripes", "checker", "dots", "frame", "crescent")
@@ -52,10 +64,12 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class Split:
+    """One split. A loaded split's columns are compact read-only sequences
+    (`loaders.columns.Paths`/`Column`: items `str`, `int`, `(h, w)`); tuples work too."""
     name: str
-    paths: tuple[str, ...]            # absolute paths of decodable RGB JPEG/PNG files
-    labels: tuple[int, ...]
-    sizes: tuple[tuple[int, int], ...]  # (height, width) of each image
+    paths: Sequence[str]                # paths (absolute unless --cache-dir is relative) of RGB JPEG/PNG files
+    labels: Sequence[int]
+    sizes: Sequence[tuple[int, int]]    # (height, width) of each image
     cache_dir: Path
 
     def __len__(self) -> int:
@@ -97,18 +111,33 @@ def strict_error(ds: Dataset, limit: int = 10) -> ConfigError:
 # ---------------------------------------------------------------------------- public API
 
 def load_dataset(source: str, cache_root: str | os.PathLike = ".cache",
-                 synthetic: SyntheticConfig = SyntheticConfig(), strict: bool = False) -> Dataset:
+                 synthetic: SyntheticConfig = SyntheticConfig(), strict: bool = False,
+                 workers: int | None = None) -> Dataset:
     """Parse `source`, ingest it into the cache if needed, and return the cached dataset.
 
-    `strict`: a dataset with bad items (see the module docstring) is a ConfigError."""
-    ds = _load_dataset(source, cache_root, synthetic)
+    `strict`: a dataset with bad items (docs/datasets.md) is a ConfigError. `workers`: ingest
+    processes; None or 0: the usable cores, with small folders done in-process."""
+    with WorkerPool(workers or usable_cores()) as pool:
+        ds = _load_dataset(source, cache_root, synthetic, _Work(pool, bool(workers)))
     if strict and ds.skipped:
         raise strict_error(ds)
     return ds
 
 
-def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Dataset:
+@dataclass
+class _Work:
+    pool: WorkerPool
+    explicit: bool          # workers given: always use the pool (else only for large folders)
+
+    def parallel(self, amount: int, threshold: int) -> bool:
+        return self.explicit or amount >= threshold
+
+
+def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig, work: _Work) -> Dataset:
     kind, _, arg = source.partition(":")
+    if kind == "webdataset":                 # tar shards, no per-file list: loaders/shards.py
+        from loaders.shards import load_webdataset
+        return load_webdataset(source, cache_root)
     if kind == "synthetic":
         if arg:
             raise ConfigError(f"--data synthetic takes no path (got {source!r}); use --data synthetic")
@@ -125,16 +154,17 @@ def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig) -> Datase
             raise ConfigError(f"--data {source}: {root} is not a directory; pass an existing folder"
                               + (" or a .tar(.gz) archive" if kind == "imagefolder" else ""))
         if kind == "imagefolder":
-            scan = _scan_imagefolder(root)
-            fingerprint = _imagefolder_fingerprint(scan)
-            build = lambda d, files: _build_imagefolder(d, files, root, scan)  # noqa: E731
+            scan = _scan_imagefolder(root, work)
+            fingerprint = _imagefolder_fingerprint(root, scan)
+            build = lambda d, files: _build_imagefolder(d, files, root, scan, work)  # noqa: E731
         else:
             root = _cifar_root(root)
             fingerprint = _files_fingerprint(sorted(root.glob("*_batch*")))
             build = lambda d, files: _build_cifar10(d, files, root)  # noqa: E731
         cache_dir = Path(cache_root) / f"{kind}-{_hash(str(root))[:10]}"
-        return _cached(source, cache_dir, fingerprint, build)
-    raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH or cifar10:PATH")
+        return _cached(source, cache_dir, fingerprint, build, resumable=kind == "imagefolder")
+    raise ConfigError(f"unknown data source {source!r}; use synthetic, imagefolder:PATH, cifar10:PATH "
+                      "or webdataset:PATTERN")
 
 
 def decoded(split: Split, size: int | None = None, view: str = "stretch", spec=None) -> np.ndarray:
@@ -142,7 +172,8 @@ def decoded(split: Split, size: int | None = None, view: str = "stretch", spec=N
 
     Images keep their native size when they all share it and `size` is None; otherwise
     each is resized (bilinear, antialiased) to size x size, or with view "center" made
-    the evaluation view of `spec` (`common.view_of`)."""
+    the evaluation view of `spec` (`common.view_of`). A file that fails to decode (ingest
+    checks headers only) is black, with a RuntimeWarning naming it."""
     sizes = set(split.sizes)
     if size is None:
         if len(sizes) != 1:
@@ -158,16 +189,23 @@ def decoded(split: Split, size: int | None = None, view: str = "stretch", spec=N
     with file_lock(split.cache_dir / ".lock"):
         if out.exists() and meta.exists() and meta.read_text() == key:
             return np.load(out, mmap_mode="r")
-        arr = np.empty((len(split), h, w, 3), np.uint8)
+        arr = np.zeros((len(split), h, w, 3), np.uint8)
+        failed = []
         for i, p in enumerate(split.paths):
-            if view == "center":
-                arr[i] = view_of(read_rgb(p), view, spec).permute(1, 2, 0).numpy()
-                continue
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                arr[i] = np.asarray(im)
+            try:
+                if view == "center":
+                    arr[i] = view_of(read_rgb(p), view, spec).permute(1, 2, 0).numpy()
+                    continue
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.BILINEAR)
+                    arr[i] = np.asarray(im)
+            except Exception as e:  # noqa: BLE001 - passed ingest's header check, fails now: black
+                failed.append(f"{p} ({type(e).__name__}: {e})")
+        if failed:
+            warnings.warn(f"{len(failed)} {split.name} image(s) could not be decoded and are black: "
+                          + "; ".join(failed[:5]) + ("; ..." if len(failed) > 5 else ""), RuntimeWarning, stacklevel=2)
         try:
             with atomic_path(out) as tmp:
                 with open(tmp, "wb") as f:
@@ -210,48 +248,69 @@ def _unpack_archive(source: str, archive: Path, cache_root: Path) -> Path:
     return tree
 
 
-def _cached(source: str, cache_dir: Path, fingerprint: str, build) -> Dataset:
+def _cached(source: str, cache_dir: Path, fingerprint: str, build, resumable: bool = False) -> Dataset:
+    """The dataset from `cache_dir`'s manifest, (re)built by `build(cache_dir, files_dir)` when
+    missing, stale or unreadable. `resumable`: a killed build's folder is continued, not wiped."""
     manifest_path = cache_dir / "manifest.json"
     with file_lock(cache_dir / ".lock"):
         remove_stale_temps(cache_dir)       # what a killed ingest left (manifest, decoded .npy temps)
-        m = None
-        if manifest_path.exists():
-            try:
-                m = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                m = None
-        if not m or m.get("fingerprint") != fingerprint or m.get("version") != MANIFEST_VERSION:
-            # Rebuild into a fresh folder (stale files from an older source must not leak
-            # in); the previous folder and manifest stay until the new manifest is in place.
-            files_dir = cache_dir / f"files-{fingerprint[:12]}"
-            if files_dir.exists():              # left by a build that was killed
-                shutil.rmtree(files_dir)
-            try:
-                files_dir.mkdir(parents=True)
-                new = build(cache_dir, files_dir)
-                new.update(version=MANIFEST_VERSION, fingerprint=fingerprint, source=source)
-                atomic_write(manifest_path, json.dumps(new))
-            except OSError as e:
+        ds = _read_manifest(manifest_path, cache_dir, fingerprint)
+        if ds is not None:
+            return ds
+        had_cache = manifest_path.exists()
+        # Rebuild into a fresh folder (stale files from an older source must not leak in);
+        # the previous folder and manifest stay until the new manifest is in place.
+        files_dir = cache_dir / f"files-{_hash(f'{MANIFEST_VERSION}|{fingerprint}')[:12]}"
+        if files_dir.exists() and not resumable:        # left by a build that was killed
+            shutil.rmtree(files_dir)
+        elif files_dir.exists():                          # resumed: its converted images' temps
+            remove_stale_temps(files_dir, recursive=True)
+        try:
+            files_dir.mkdir(parents=True, exist_ok=True)
+            new = build(cache_dir, files_dir)
+            splits = {}
+            for name, s in new.pop("splits").items():
+                with atomic_path(files_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+                    save_columns(f, s["paths"], s.get("which", np.zeros(len(s["paths"]), np.uint8)),
+                                 s["labels"], s["sizes"])
+                splits[name] = {"count": len(s["paths"]), "columns": f"{files_dir.name}/{name}.npz"}
+            new.update(version=MANIFEST_VERSION, fingerprint=fingerprint, source=source, splits=splits)
+            atomic_write(manifest_path, json.dumps(new))
+        except OSError as e:
+            if e.errno in DISK_FULL:
                 shutil.rmtree(files_dir, ignore_errors=True)
-                if e.errno in DISK_FULL:
-                    kept = ("the previous cache there is intact and still usable for the previous "
-                            "version of the source" if m else "nothing was kept")
-                    raise ConfigError(f"disk full while writing the dataset cache {cache_dir} ({e.strerror}); "
-                                      f"{kept}; free space or point --cache-dir at another disk") from None
-                raise
-            m = new
-            for old in [cache_dir / "files", *cache_dir.glob("files-*")]:
-                if old.is_dir() and old != files_dir:
-                    shutil.rmtree(old, ignore_errors=True)
-    return _from_manifest(m, cache_dir)
+                kept = ("the previous cache there is intact and still usable for the previous "
+                        "version of the source" if had_cache else "nothing was kept")
+                raise ConfigError(f"disk full while writing the dataset cache {cache_dir} ({e.strerror}); "
+                                  f"{kept}; free space or point --cache-dir at another disk") from None
+            if not resumable:
+                shutil.rmtree(files_dir, ignore_errors=True)
+            raise
+        shutil.rmtree(files_dir / ".chunks", ignore_errors=True)
+        for old in [cache_dir / "files", *cache_dir.glob("files-*")]:
+            if old.is_dir() and old != files_dir:
+                shutil.rmtree(old, ignore_errors=True)
+        return _from_manifest(new, cache_dir)
+
+
+def _read_manifest(path: Path, cache_dir: Path, fingerprint: str) -> Dataset | None:
+    """The cached dataset when `path` is a readable current manifest for `fingerprint`."""
+    try:
+        m = json.loads(path.read_text())
+        if m.get("fingerprint") != fingerprint or m.get("version") != MANIFEST_VERSION:
+            return None
+        return _from_manifest(m, cache_dir)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def _from_manifest(m: dict, cache_dir: Path) -> Dataset:
+    root = m.get("root") or ""
+    prefixes = (str(cache_dir) + os.sep, root.rstrip(os.sep) + os.sep if root else "", "")
     splits = {}
     for name in ("train", "val"):
-        s = m["splits"][name]
-        paths = tuple(str((cache_dir / p) if not os.path.isabs(p) else p) for p in s["paths"])
-        splits[name] = Split(name, paths, tuple(s["labels"]), tuple(map(tuple, s["sizes"])), cache_dir)
+        paths, labels, sizes = load_columns(cache_dir / m["splits"][name]["columns"], prefixes)
+        splits[name] = Split(name, paths, labels, sizes, cache_dir)
     skipped = [tuple(e) if isinstance(e, (list, tuple)) else (e, "unusable") for e in m.get("skipped", ())]
     return Dataset(m["source"], tuple(m["classes"]), splits["train"], splits["val"], cache_dir,
                    m["fingerprint"], tuple(p for p, _ in skipped), tuple(r for _, r in skipped),
@@ -283,90 +342,108 @@ def _split_dirs(root: Path) -> tuple[Path, Path]:
 
 @dataclass
 class _Scan:
-    """What an imagefolder split holds: image files per class, and bad entries."""
-    per_class: dict[str, list[Path]]
-    bad: list[tuple[str, str]]          # (path, reason)
+    """What an imagefolder split holds: per class folder its image files (relative to the
+    root, sorted) and a digest of their (path, size, mtime); bad entries (path, reason)."""
+    classes: list[str]
+    files: list[list[str]]
+    digests: list[str]
+    bad: list[tuple[str, str]]
 
 
-def _entry_problem(path: Path) -> str | None:
+def _entry_problem(path: str) -> str | None:
     """Why a directory entry cannot be followed/read as a file or folder, or None."""
     try:
         os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "symlink loop"
-        if path.is_symlink():
+        if os.path.islink(path):
             return "broken symlink"
         return f"unreadable ({e.strerror})"
     return None
 
 
-def _walk_class(class_dir: Path, bad: list, ancestors: set) -> list[Path]:
-    """Image files under `class_dir`, recursively, following symlinks once: a folder
-    reached again (a symlink loop, a link to the split folder, or a second link to the same
-    folder) is reported, not descended. `ancestors`: (dev, inode) of the split folders."""
-    files, seen, stack = [], set(ancestors), [class_dir]
+def _walk_class(class_dir: str, root_len: int, ancestors: frozenset) -> tuple[list[str], str, list]:
+    """Image files under `class_dir` (relative to the root: paths cut at `root_len`), the
+    digest of their (path, size, mtime), and bad entries. Recursive, following symlinks once:
+    a folder reached again (a symlink loop, a link to the split folder, or a second link to
+    the same folder) is reported, not descended. `ancestors`: (dev, inode) of the split folders.
+    One stat per entry (scandir's d_type spares it for folders and non-images)."""
+    rows, bad, seen, stack = [], [], set(ancestors), [class_dir]
     while stack:
         d = stack.pop()
         try:
-            st = d.stat()
+            st = os.stat(d)
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
-            bad.append((str(d), f"unreadable folder ({e.strerror})"))
+            bad.append((d, f"unreadable folder ({e.strerror})"))
             continue
         if (st.st_dev, st.st_ino) in seen:
-            bad.append((str(d), "symlink loop (links back to a folder already listed)"))
+            bad.append((d, "symlink loop (links back to a folder already listed)"))
             continue
         seen.add((st.st_dev, st.st_ino))
         subdirs = []
         for e in entries:
             if e.name.startswith("."):
                 continue
-            p = Path(e.path)
-            image_ext = p.suffix.lower() in IMAGE_EXTENSIONS
-            problem = _entry_problem(p) if e.is_symlink() else None
-            if problem:
-                bad.append((str(p), problem))
+            if e.is_symlink() and (problem := _entry_problem(e.path)):
+                bad.append((e.path, problem))
+                continue
+            if not os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                with contextlib.suppress(OSError):
+                    if e.is_dir():
+                        subdirs.append(e.path)
                 continue
             try:
-                mode = os.stat(p).st_mode
+                est = e.stat()
             except OSError as err:
-                bad.append((str(p), f"unreadable ({err.strerror})"))
+                bad.append((e.path, f"unreadable ({err.strerror})"))
                 continue
-            if stat.S_ISDIR(mode):
-                subdirs.append(p)
-            elif image_ext:
-                if stat.S_ISREG(mode):
-                    files.append(p)
-                else:
-                    bad.append((str(p), "not a regular file"))
+            if stat.S_ISDIR(est.st_mode):
+                subdirs.append(e.path)
+            elif stat.S_ISREG(est.st_mode):
+                rows.append((e.path[root_len:], est.st_size, est.st_mtime_ns))
+            else:
+                bad.append((e.path, "not a regular file"))
         stack.extend(reversed(subdirs))
-    return sorted(files)
+    rows.sort()
+    digest = _hash("\n".join(f"{p}\t{n}\t{t}" for p, n, t in rows))
+    return [p for p, _, _ in rows], digest, bad
 
 
-def _scan_split(split_dir: Path) -> _Scan:
+def _scan_split(split_dir: Path, work: _Work) -> _Scan:
     bad: list = []
     classes = []
     for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if e.name.startswith("."):
             continue
-        p = Path(e.path)
-        if e.is_symlink() and (problem := _entry_problem(p)):
-            bad.append((str(p), problem))
-        elif p.is_dir():
+        if e.is_symlink() and (problem := _entry_problem(e.path)):
+            bad.append((e.path, problem))
+        elif e.is_dir():
             classes.append(e.name)
     if not classes:
         raise ConfigError(f"{split_dir} has no class folders; put images in {split_dir}/<class>/")
     st = split_dir.stat()
     root = split_dir.parent.stat()
-    ancestors = {(st.st_dev, st.st_ino), (root.st_dev, root.st_ino)}
-    return _Scan({c: _walk_class(split_dir / c, bad, ancestors) for c in classes}, bad)
+    ancestors = frozenset({(st.st_dev, st.st_ino), (root.st_dev, root.st_ino)})
+    root_len = len(str(split_dir.parent)) + 1
+    per_task = max(1, len(classes) // (8 * work.pool.workers))        # few round trips, balanced
+    tasks = [(k, ([str(split_dir / c) for c in classes[k:k + per_task]], root_len, ancestors))
+             for k in range(0, len(classes), per_task)]
+    done = dict(work.pool.map_unordered(_walk_classes, tasks, work.parallel(len(classes), PARALLEL_MIN_CLASSES)))
+    walked = [w for k in sorted(done) for w in done[k]]
+    return _Scan(classes, [w[0] for w in walked], [w[1] for w in walked],
+                 bad + [b for w in walked for b in w[2]])
 
 
-def _scan_imagefolder(root: Path) -> dict[str, _Scan]:
+def _walk_classes(class_dirs: list[str], root_len: int, ancestors: frozenset) -> list:
+    return [_walk_class(d, root_len, ancestors) for d in class_dirs]
+
+
+def _scan_imagefolder(root: Path, work: _Work) -> dict[str, _Scan]:
     train, val = _split_dirs(root)
-    scan = {"train": _scan_split(train), "val": _scan_split(val)}
-    classes, val_classes = list(scan["train"].per_class), list(scan["val"].per_class)
+    scan = {"train": _scan_split(train, work), "val": _scan_split(val, work)}
+    classes, val_classes = scan["train"].classes, scan["val"].classes
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
@@ -375,92 +452,136 @@ def _scan_imagefolder(root: Path) -> dict[str, _Scan]:
     return scan
 
 
-def _imagefolder_fingerprint(scan: dict[str, _Scan]) -> str:
-    rows = []
+def _imagefolder_fingerprint(root: Path, scan: dict[str, _Scan]) -> str:
+    rows = [str(root)]
     for name, sc in scan.items():
-        rows.append(f"{name}\t{sorted(sc.per_class)}")
-        for fs in sc.per_class.values():
-            for f in fs:
-                st = f.stat()
-                rows.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
+        rows.append(f"{name}\t{sc.classes}")
+        rows += [f"{c}\t{len(fs)}\t{d}" for c, fs, d in zip(sc.classes, sc.files, sc.digests)]
         rows += [f"bad\t{p}\t{r}" for p, r in sc.bad]
     return _hash("\n".join(rows))
 
 
-def _build_imagefolder(cache_dir: Path, files_dir: Path, root: Path, scan: dict[str, _Scan]) -> dict:
-    classes = list(scan["train"].per_class)
-    bad = [b for sc in scan.values() for b in sc.bad]
-    kept: dict[str, dict[str, list]] = {}
-    for name, sc in scan.items():
-        kept[name] = {}
-        for c in classes:
-            rows = []
-            for f in sc.per_class[c]:
-                path, info = _ingest_image(f, files_dir / name / c)
-                if path is None:
-                    bad.append((str(f), info))
-                else:
-                    rows.append((str(path), info))
-            kept[name][c] = rows
+def _build_imagefolder(cache_dir: Path, files_dir: Path, root: Path, scan: dict[str, _Scan], work: _Work) -> dict:
+    names = ("train", "val")
+    classes = scan["train"].classes
+    nc = len(classes)
+    rels = [f for n in names for fs in scan[n].files for f in fs]
+    counts = [len(fs) for n in names for fs in scan[n].files]
+    owner = np.repeat(np.arange(2 * nc), counts)            # split * nc + class, per file
+    chunk = min(CHUNK_FILES, max(8, -(-len(rels) // 100)))  # depends on the file count only
+    chunks, _ = run_chunks(work.pool, _check_images, rels, chunk, files_dir / ".chunks",
+                           args=(str(root), str(files_dir.resolve()), files_dir.name),
+                           parallel=work.parallel(len(rels), PARALLEL_MIN_FILES), desc=f"ingest {root}")
+    # Columns over all files, in order (few Python objects: this runs at millions of files).
+    hw = np.stack([np.fromiter(itertools.chain.from_iterable(c[k] for c in chunks), np.int64, len(rels))
+                   for k in ("h", "w")], axis=1)
+    converted = {k * chunk + i: rel for k, c in enumerate(chunks) for i, rel in c["converted"]}
+    failed = [(k * chunk + i, why) for k, c in enumerate(chunks) for i, why in c["bad"]]
+    bad = [b for n in names for b in scan[n].bad] + [(os.path.join(root, rels[i]), why) for i, why in failed]
+    ok = np.ones(len(rels), bool)
+    ok[[i for i, _ in failed]] = False
+    kept = np.bincount(owner[ok], minlength=2 * nc).reshape(2, nc)
+    listed = np.array(counts, np.int64).reshape(2, nc)
     # A class with no usable image in a split is dropped from both (consistent labels).
     dropped = []
-    split_dirs = dict(zip(("train", "val"), _split_dirs(root)))
-    for c in classes:
-        empty = [n for n in ("train", "val") if not kept[n][c]]
+    split_dirs = _split_dirs(root)
+    for c, cls in enumerate(classes):
+        empty = [s for s in (0, 1) if not kept[s, c]]
         if not empty:
             continue
-        dropped.append(c)
-        for n in empty:
-            listed = len(scan[n].per_class[c])
-            what = "empty class folder" if not listed else f"no usable image among {listed} file(s)"
-            others = [o for o in ("train", "val") if o != n and kept[o][c]]
-            unused = f" ({len(kept[others[0]][c])} {others[0]} image(s) unused)" if others else ""
-            bad.append((str(split_dirs[n] / c), f"{what}: class {c!r} dropped from both splits{unused}"))
+        dropped.append(cls)
+        for s in empty:
+            what = "empty class folder" if not listed[s, c] else f"no usable image among {listed[s, c]} file(s)"
+            o = 1 - s
+            unused = f" ({kept[o, c]} {names[o]} image(s) unused)" if kept[o, c] else ""
+            bad.append((str(split_dirs[s] / cls), f"{what}: class {cls!r} dropped from both splits{unused}"))
     final = [c for c in classes if c not in dropped]
     if not final:
         raise ConfigError(f"imagefolder {root} has no class with usable images in both splits "
                           f"({len(bad)} bad item(s), e.g. {bad[0][0]}: {bad[0][1]}); add images")
+    label = np.full(nc, -1, np.int64)
+    label[[classes.index(c) for c in final]] = np.arange(len(final))
+    # In place: relative to the root (prefix 1); converted: relative to the cache (prefix 0).
+    which = np.ones(len(rels), np.uint8)
+    which[list(converted)] = 0
+    shown = list(rels)
+    for i, rel in converted.items():
+        shown[i] = rel
     splits = {}
-    for name in ("train", "val"):
-        paths, labels, sizes = [], [], []
-        for label, c in enumerate(final):
-            for path, hw in kept[name][c]:
-                paths.append(path)
-                labels.append(label)
-                sizes.append(hw)
-        splits[name] = {"paths": paths, "labels": labels, "sizes": sizes}
-    return {"classes": final, "splits": splits, "skipped": [list(b) for b in bad],
+    for s, name in enumerate(names):
+        idx = np.flatnonzero(ok & (owner // nc == s) & (label[owner % nc] >= 0))
+        splits[name] = {"paths": [shown[i] for i in idx.tolist()], "which": which[idx],
+                        "labels": label[owner[idx] % nc], "sizes": hw[idx]}
+    return {"classes": final, "root": str(root), "splits": splits, "skipped": [list(b) for b in bad],
             "dropped_classes": dropped}
 
 
-def _ingest_image(path: Path, convert_dir: Path):
-    """(path a loader can read, (h, w)) or (None, why the file is skipped).
+def _check_images(rels: list[str], root: str, files_dir: str, files_name: str) -> dict:
+    """Files relative to `root`, checked: {"h": [...], "w": [...] (0 when skipped),
+    "converted": [[i, the RGB PNG written under `files_dir`, relative to the cache], ...],
+    "bad": [[i, why it is skipped], ...]}."""
+    out = {"h": [], "w": [], "converted": [], "bad": []}
+    for i, rel in enumerate(rels):
+        sub = os.path.dirname(rel).split(os.sep, 2)[:2]          # <split folder>/<class>
+        r = _check_image(os.path.join(root, rel), os.path.join(files_dir, *sub))
+        if isinstance(r, str):
+            out["bad"].append([i, r])
+            r = [0, 0]
+        elif isinstance(r, tuple):
+            out["converted"].append([i, "/".join([files_name, *sub, r[0]])])
+            r = r[1]
+        out["h"].append(r[0])
+        out["w"].append(r[1])
+    return out
 
-    Plain 8-bit RGB JPEG/PNG files are used in place; any other decodable image
-    (grayscale, RGBA, palette, 16-bit, other formats) is converted once to RGB PNG."""
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_with_marker(im: Image.Image) -> bool:
+    """Whether the file ends with its format's end marker (JPEG EOI, PNG IEND chunk)."""
+    marker, fp = _END_MARKERS[im.format], im.fp
+    pos = fp.tell()
     try:
-        if path.stat().st_size == 0:
-            return None, "empty file (0 bytes)"
+        fp.seek(-len(marker), os.SEEK_END)
+        return fp.read(len(marker)) == marker
+    except OSError:                     # shorter than the marker
+        return False
+    finally:
+        fp.seek(pos)
+
+
+def _check_image(path: str, convert_dir: str):
+    """[h, w] when `path` can be read in place, (file name, [h, w]) of its RGB PNG written
+    into `convert_dir`, or why it is skipped (a str).
+
+    Plain 8-bit RGB JPEG/PNG files that end with their end marker pass on their header
+    alone; one without the marker (truncated, or trailing bytes) is decoded in full to
+    decide. Any other decodable image (grayscale, RGBA, palette, 16-bit, CMYK, other
+    formats) is converted once to RGB PNG."""
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as im:
-            im.load()
-            fmt, mode = im.format, im.mode
-            if fmt in ("JPEG", "PNG") and mode == "RGB":
-                return path, (im.height, im.width)
+            if im.format in _END_MARKERS and im.mode == "RGB":
+                if not _ends_with_marker(im):
+                    im.load()
+                return [im.height, im.width]
             rgb = _to_rgb(im)
     except Image.UnidentifiedImageError:
-        return None, "not an image (unrecognised content)"
+        return "not an image (unrecognised content)"
     except Image.DecompressionBombError as e:
-        return None, f"too large ({e})"
+        return f"too large ({e})"
     except PermissionError as e:
-        return None, f"unreadable ({e.strerror})"
+        return f"unreadable ({e.strerror})"
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        return None, f"truncated or corrupt image ({text})"
-    convert_dir.mkdir(parents=True, exist_ok=True)
-    out = convert_dir / (path.stem + "-" + _hash(str(path))[:8] + ".png")
-    with atomic_path(out) as tmp:
+        return f"truncated or corrupt image ({text})"
+    os.makedirs(convert_dir, exist_ok=True)
+    name = os.path.splitext(os.path.basename(path))[0] + "-" + _hash(path)[:8] + ".png"
+    with atomic_path(os.path.join(convert_dir, name)) as tmp:
         rgb.save(tmp, format="PNG")
-    return out, (rgb.height, rgb.width)
+    return name, [rgb.height, rgb.width]
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

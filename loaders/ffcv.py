@@ -476,7 +476,7 @@ class FfcvLoader(EpochLoader):
         if view == "center":                  # stored as the eval view: nothing left to crop
             self.spec = replace(spec, eval_resize="stretch")
         # "rrc" boxes are drawn on the original sizes, whatever size the pixels are kept at.
-        self.src_hw = torch.tensor(split.sizes, dtype=torch.float64) \
+        self.src_hw = torch.from_numpy(np.asarray(split.sizes, dtype=np.float64)) \
             if opts.train and spec.resize == "rrc" else None
         readable = self.readable = self.beton.readable
         if len(readable) == 0:

@@ -68,7 +68,7 @@ class ResidentLoader(EpochLoader):
             self.spec = replace(spec, eval_resize="stretch")
         self.images = torch.from_numpy(np.array(arr)).to(dev)        # (N,H,W,3) uint8
         # "rrc" boxes are drawn on the original sizes, whatever size the pixels are kept at.
-        self.src_hw = torch.tensor(split.sizes, dtype=torch.float64, device=dev) \
+        self.src_hw = torch.from_numpy(np.asarray(split.sizes, dtype=np.float64)).to(dev) \
             if opts.train and spec.resize == "rrc" else None
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=dev)
         self.generator = torch.Generator(device=dev)

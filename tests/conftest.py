@@ -98,8 +98,8 @@ def run_two_ranks(script: str, split, tmp_path, timeout: int) -> list:
     group's store, `split` as JSON (name, paths, labels, sizes, cache_dir: tmp_path/cache),
     the rank. Returns each rank's last stdout line, parsed as JSON."""
     spec_file = tmp_path / "split.json"
-    spec_file.write_text(json.dumps(dict(name=split.name, paths=split.paths, labels=split.labels,
-                                         sizes=split.sizes, cache_dir=str(tmp_path / "cache"))))
+    spec_file.write_text(json.dumps(dict(name=split.name, paths=list(split.paths), labels=list(split.labels),
+                                         sizes=list(split.sizes), cache_dir=str(tmp_path / "cache"))))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "store"), str(spec_file), str(r)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

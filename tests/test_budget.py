@@ -31,12 +31,13 @@ def test_replan_only_beyond_the_margin():
     cur = [14, 2, 1, 1]
     done = [3, 0, 0, 0]
     assert replan(cur, done, [14, 2, 1, 1], epoch_s=10.0, remaining_s=150.0) is None    # 15 left, 15 fit
-    # 7 fit, planned with a 5% cushion against timing noise: 6 more, the shape kept
-    assert replan(cur, done, [14, 2, 1, 1], epoch_s=20.0, remaining_s=150.0) == [7, 1, 1, 0]
-    faster = replan(cur, done, [14, 2, 1, 1], epoch_s=5.0, remaining_s=150.0)         # 30 fit
+    # 7 fit: all planned (below 10 epochs no cushion), the shape kept
+    assert replan(cur, done, [14, 2, 1, 1], epoch_s=20.0, remaining_s=150.0) == [8, 1, 1, 0]
+    faster = replan(cur, done, [14, 2, 1, 1], epoch_s=5.0, remaining_s=150.0)         # 30 fit, a 5% cushion
     assert faster == [24, 3, 2, 2]
+    assert replan([2, 0, 0, 0], [1, 0, 0, 0], [14, 2, 1, 1], 27.0, 80.0) == [3, 0, 0, 0]    # a slow probe corrected
     assert replan(cur, [14, 1, 0, 0], [14, 2, 1, 1], epoch_s=10.0, remaining_s=5.0) == [14, 1, 0, 0]  # stop
-    assert replan([20, 3, 1, 1], [20, 0, 0, 0], [14, 2, 1, 1], 10.0, 35.0) == [20, 1, 1, 0]   # stage 0 done
+    assert replan([20, 3, 1, 1], [20, 0, 0, 0], [14, 2, 1, 1], 10.0, 35.0) == [20, 1, 1, 1]   # stage 0 done
 
 
 def test_a_run_with_a_small_budget_ends_inside_it(tmp_path, capsys):
