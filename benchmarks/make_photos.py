@@ -10,7 +10,7 @@ and 1x, each at 0.3 of its contrast), per-image grain (gaussian, sigma drawn in 
 quality 90: ~64 KB per 500x375 file (a plain upscale: ~15 KB; ImageNet's JPEGs average
 ~110 KB at mixed sizes and qualities), so decode works on photo-like entropy. A tenth of
 the images are portrait (HxW swapped). `--n` train images (round robin over classes),
-`--val` (default n/10) from the archive's test split; a pure function of `--seed`. Built
+`--val` (default n/10, at least one per class) from the archive's test split; a pure function of `--seed`. Built
 under a temp name, renamed last. Never commit the output (../shared/datasets/README.md).
 """
 from __future__ import annotations
@@ -84,8 +84,9 @@ def make(dst: Path, n: int, size: tuple[int, int], val: int | None = None, seed:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     nbytes, count = 0, 0
-    for split, out_name, k in (("train", "train", n), ("test", "val", n // 10 if val is None else val)):
+    for split, out_name, k in (("train", "train", n), ("test", "val", val)):
         classes = sorted(src[split])
+        k = max(n // 10, len(classes)) if k is None else k      # every class in val
         pool = [data for c in classes for data in src[split][c]]
         for i in range(k):
             c = classes[i % len(classes)]
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dst", type=Path)
     p.add_argument("--n", type=int, default=2000, help="training images")
-    p.add_argument("--val", type=int, default=None, help="validation images (default n/10)")
+    p.add_argument("--val", type=int, default=None, help="validation images (default n/10, at least one per class)")
     p.add_argument("--size", default="500x375", help="WxH of the landscape images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90)
