@@ -83,6 +83,20 @@ def subset(split, n: int, seed: int = 0):
     return replace(split, paths=pick(split.paths), labels=pick(split.labels), sizes=pick(split.sizes))
 
 
+def spec_override(spec, items: list[str]):
+    """`spec` with --aug FIELD=VALUE overrides (values parsed as engine.train's --aug.FIELD)."""
+    from dataclasses import fields
+    from engine.config import _parse_value
+    defaults = {f.name: f.default for f in fields(spec)}
+    over = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        if k not in defaults or k == "size":
+            raise SystemExit(f"error: --aug {item!r}: use FIELD=VALUE with an AugmentSpec field")
+        over[k] = _parse_value(v, defaults[k])
+    return replace(spec, **over)
+
+
 def measure_loader(args, loader_name: str, augment: bool) -> dict:
     """Runs inside the child process: warm-up epoch, then timed epochs."""
     import torch
@@ -93,7 +107,7 @@ def measure_loader(args, loader_name: str, augment: bool) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_dataset(args.data, args.cache_dir)
     split = subset(data.train, args.batches * args.batch_size)
-    spec = AugmentSpec(size=args.size)
+    spec = spec_override(AugmentSpec(size=args.size), args.aug)
     spec = spec if augment else spec.without()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     opts = LoaderOptions(train=True, batch_size=args.batch_size, device=device, dtype=dtype,
@@ -115,7 +129,8 @@ def measure_loader(args, loader_name: str, augment: bool) -> dict:
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return dict(kind="loader", loader=loader_name, augment=augment, images_per_s=n / statistics.median(times),
                 passes_s=[round(t, 3) for t in times], setup_s=round(setup_s, 2), peak_rss_mb=round(rss / 1024),
-                size=args.size, batch_size=args.batch_size, images=n, device=str(device))
+                size=args.size, batch_size=args.batch_size, images=n, device=str(device),
+                **({"aug": args.aug} if args.aug else {}))
 
 
 def _engine(args, **over):
@@ -213,7 +228,7 @@ def run_child(args, loader: str, augment: bool, what: str = "loader") -> dict:
            "--preset", args.preset, "--steps", str(args.steps), "--engine-args", args.engine_args,
            "--data", args.data, "--cache-dir", args.cache_dir, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--passes", str(args.passes),
-           "--workers", str(args.workers), "--device", args.device]
+           "--workers", str(args.workers), "--device", args.device] + [f"--aug={a}" for a in args.aug]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -302,6 +317,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--augment", choices=("both", "on", "off"), default="both")
+    p.add_argument("--aug", action="append", default=[], metavar="FIELD=VALUE",
+                   help="AugmentSpec override for the loader rows, repeatable: --aug resize=rrc")
     p.add_argument("--json", default="", help="write the rows here as a JSON list")
     p.add_argument("--train", action="store_true", help="also measure training and end-to-end rows")
     p.add_argument("--preset", default="cpu-demo", help="engine preset for the --train rows")

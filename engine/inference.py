@@ -10,7 +10,7 @@ holding {"model": state_dict} or a bare state dict. They are unpickled as engine
 (weights_only=False): open run folders you trust. Inference runs in float32 (not the run's
 autocast); `run_logits` is engine.step.eval_logits itself, so --tta means what it meant in training.
 `preprocess(spec)` is the run's evaluation transform (resize to spec.size, bilinear with
-antialias, then normalise). Every problem is a one-line ConfigError; `cli_errors` turns it
+antialias, or spec.eval_resize "center": short side, centre crop; then normalise). Every problem is a one-line ConfigError; `cli_errors` turns it
 into "error: ..." on stderr and exit 2 for the three CLIs.
 """
 from __future__ import annotations
@@ -54,9 +54,17 @@ class TrainedRun:
         return dict(model=self.cfg.model, passthrough=self.cfg.passthrough or None, width=self.cfg.width,
                     num_classes=len(self.classes), classes=list(self.classes),
                     preprocessing=dict(size=self.spec.size, mean=list(self.spec.mean), std=list(self.spec.std),
-                                       resize="bilinear, antialias, to size x size", input="RGB, NCHW, float32",
+                                       resize=resize_text(self.spec), input="RGB, NCHW, float32",
                                        normalise="(x / 255 - mean) / std"),
                     run=str(self.folder), checkpoint=str(self.checkpoint))
+
+
+def resize_text(spec: AugmentSpec) -> str:
+    """The evaluation resize in words (spec.eval_resize), for exported metadata."""
+    if spec.eval_resize == "center":
+        return (f"bilinear, antialias, short side to {spec.eval_size}, then centre crop "
+                f"{spec.size} x {spec.size}")
+    return "bilinear, antialias, to size x size"
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -5,10 +5,10 @@
     images = augment(batch_uint8, spec, train=False)          # resize + normalise only
 
 Per-sample parameters come from `loaders.params` (one `torch.rand` per batch on the
-generator's device); `draw_params` + `apply` are the two halves. Geometry is ONE bilinear
-resampling per image through the composed matrix, the zero fill a separate coverage mask;
-content one step crops and a later one brings back is kept (`emulate_clipping=True`
-reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
+generator's device); `draw_params` + `apply` are the two halves. Geometry (an "rrc" box
+drawn on the original `src_hw` included) is ONE bilinear resampling per image through the
+composed matrix, the zero fill a separate coverage mask; content one step crops and a
+later one brings back is kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
 `spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
 1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
 (each sample's op order, clamps, HSV hue). CPU: chunks of 16 images, single-threaded
@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from loaders.params import Params, colour_affine, const, draw_params, stage_matrices
+from loaders.params import Params, center_crop_box, colour_affine, const, draw_params, stage_matrices
 from loaders.spec import LUMA, AugmentSpec
 
 _CPU_CHUNK = 16                  # images warped at a time on CPU
@@ -65,6 +65,17 @@ def _edge_weight_(gx: torch.Tensor, gy: torch.Tensor, hw: tuple[int, int]) -> to
         half = size / 2
         g.abs_().mul_(-half).add_(half + 0.5).clamp_(0, 1)
     return gx.mul_(gy)
+
+
+def box_bounds(p: Params) -> torch.Tensor:
+    """(N,4) float32 (x min, x max, y min, y max): the normalised source coordinates of the
+    "rrc" box's first and last pixel centres. Clamping the sampling grid there replicates
+    the box's edge pixels, as torchvision's crop-then-resize does (the border of the crop,
+    not of the source)."""
+    top, left, h, w = p.box.unbind(-1)
+    H, W = p.src_hw.unbind(-1)
+    return torch.stack([(2 * left + 1) / W - 1, (2 * (left + w) - 1) / W - 1,
+                        (2 * top + 1) / H - 1, (2 * (top + h) - 1) / H - 1], dim=-1).to(torch.float32)
 
 
 def _coverage_(gx: torch.Tensor, gy: torch.Tensor, S: int) -> torch.Tensor:
@@ -140,7 +151,8 @@ def _pivot_canvas(spec: AugmentSpec, mats) -> torch.Tensor | None:
     """The grid (N,32,32,2) sampling the sequence's canvas at the jitter (flip, pad-crop and
     rotation applied, black corners included) for the contrast pivot's grey mean; None:
     the mean is the whole source image's."""
-    if spec.jitter and spec.contrast > 0 and mats is not None and (spec.crop or spec.rotate):
+    if spec.jitter and spec.contrast > 0 and mats is not None and (
+            spec.crop or spec.rotate or spec.resize == "rrc"):
         return grid_from(mats["jitter"], min(spec.size, _PIVOT_GRID), False)
     return None
 
@@ -284,18 +296,22 @@ def _cpu_pool() -> _CpuPool | None:
 
 
 def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
-          dtype: torch.dtype = torch.float32, emulate_clipping: bool = False) -> torch.Tensor:
-    """`augment` with given parameters (None: no augmentation, resize + normalise only)."""
-    if p is None and images.dtype == torch.uint8 and images.device.type == "cpu":
-        return _resize_uint8(images, spec, dtype)
+          dtype: torch.dtype = torch.float32, emulate_clipping: bool = False,
+          center: bool = False) -> torch.Tensor:
+    """`augment` with given parameters (None: no augmentation, resize + normalise only;
+    `center`: the "center" evaluation resize + crop instead of the stretch)."""
+    if p is None and (center or images.dtype == torch.uint8 and images.device.type == "cpu"):
+        return _resize_only(images, spec, dtype, center)
     x = _nchw(images)
     n, S, dev = x.shape[0], spec.size, x.device
-    geometric = p is not None and any(getattr(spec, a) for a in
-                                      ("flip", "crop", "rotate", "translate", "perspective"))
+    geometric = p is not None and (p.box is not None or any(
+        getattr(spec, a) for a in ("flip", "crop", "rotate", "translate", "perspective")))
     mats = None
     if p is not None:
         p = p.to(dev)
         mats = stage_matrices(p, S) if geometric else None
+        if p.box is not None:
+            mats["bounds"] = box_bounds(p)
     small = max(x.shape[-2:]) <= S                  # else shrunk to S x S first
     if not geometric and small and x.shape[-2:] != (S, S):  # resize: identity, normalised coords
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
@@ -310,19 +326,27 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     return out
 
 
-def _resize_uint8(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -> torch.Tensor:
-    """CPU resize + normalise: torch's uint8 antialiased bilinear kernel (the one the
-    reference's Resize runs, so the result is the reference's to the bit), then one fused
-    scale-and-shift into the channels_last output."""
+def _resize_only(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype,
+                 center: bool = False) -> torch.Tensor:
+    """Resize (`center`: the short side to spec.eval_size, then the centre crop) +
+    normalise. uint8 on the CPU: torch's uint8 antialiased bilinear kernel (the one the
+    reference's Resize runs, so the result is the reference's to the bit); else in float32.
+    Then one fused scale-and-shift into the channels_last output."""
     S = spec.size
-    x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.shape[1] != 3 else images
+    x = _nchw(images)
+    (rh, rw), (top, left) = center_crop_box(x.shape[-2:], spec) if center else ((S, S), (0, 0))
+    unit = 255.0 if x.dtype == torch.uint8 else 1.0
+    if x.dtype != torch.uint8 or x.device.type != "cpu":
+        x = x.to(torch.float32)
     x = x.contiguous(memory_format=torch.channels_last)
-    if x.shape[-2:] != (S, S):
-        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
-    scale = const(tuple(1 / (255 * s) for s in spec.std), torch.float32, x.device).view(1, 3, 1, 1)
+    if x.shape[-2:] != (rh, rw):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+    x = x[:, :, top:top + S, left:left + S]
+    scale = const(tuple(1 / (unit * s) for s in spec.std), torch.float32, x.device).view(1, 3, 1, 1)
     bias = const(tuple(-m / s for m, s in zip(spec.mean, spec.std)), torch.float32,
                   x.device).view(1, 3, 1, 1)
-    out = torch.empty((x.shape[0], 3, S, S), dtype=dtype, memory_format=torch.channels_last)
+    out = torch.empty((x.shape[0], 3, S, S), dtype=dtype, device=x.device,
+                      memory_format=torch.channels_last)
     return torch.addcmul(bias, x, scale, out=out)
 
 
@@ -376,10 +400,15 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
             continue
         P, g = planes[:, :m], grid[:m]
         gx, gy = grid_planes(mats["crop"], S, proj, out=(P[0], P[1], P[2]))
+        if "bounds" in mats:                     # RandomResizedCrop reads its box only
+            b = mats["bounds"].view(m, 4, 1, 1)
+            gx.clamp_(b[:, 0], b[:, 1]), gy.clamp_(b[:, 2], b[:, 3])
         g[..., 0].copy_(gx)                      # planes are cheap to build; interleave once
         g[..., 1].copy_(gy)
         w = torch.grid_sampler_2d(x, g, 0, 1, False)   # bilinear, border, half-pixel
         if geometric:                            # (a plain resize never leaves the canvas)
+            if p is not None and p.box is not None:   # the fill is the RRC canvas's
+                gx, gy = grid_planes(mats["canvas"], S, proj, out=(P[0], P[1], P[2]))
             mask = _coverage_(gx, gy, S)         # in P[0]
             for st in stages:                    # the sequence's intermediate canvases
                 mask.mul_(_coverage_(*grid_planes(mats[st], S, proj, out=(P[2], P[3], P[4])), S))
@@ -391,14 +420,21 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
 
 def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
             dtype: torch.dtype = torch.float32, *, train: bool = True,
-            emulate_clipping: bool = False) -> torch.Tensor:
+            emulate_clipping: bool = False, src_hw=None) -> torch.Tensor:
     """The spec applied to a uint8 batch (N,H,W,3) or (N,3,H,W) on its device, per-sample
     random parameters drawn from `generator`. Returns (N,3,S,S) normalised, channels_last,
-    `dtype`. `train=False`: resize + normalise only (the reference's validation transform)."""
-    if not train or not spec.any_enabled:
+    `dtype`. `train=False`: the reference's validation transform (resize per
+    spec.eval_resize + normalise). `src_hw`: the samples' original (H, W), (N,2), for the
+    "rrc" draw when the batch holds them resized (default: the batch's own size)."""
+    if not train:
+        return apply(images, spec, None, dtype, center=spec.eval_resize == "center")
+    if not spec.any_enabled:
         return apply(images, spec, None, dtype)
-    p = draw_params(images.shape[0], spec, generator,
-                    device=generator.device if generator is not None else images.device)
+    dev = generator.device if generator is not None else images.device
+    if src_hw is None and spec.resize == "rrc":
+        src_hw = _nchw(images).shape[-2:]
+    extra = {} if src_hw is None else {"src_hw": src_hw}
+    p = draw_params(images.shape[0], spec, generator, device=dev, **extra)
     return apply(images, spec, p, dtype, emulate_clipping)
 
 

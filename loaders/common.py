@@ -13,7 +13,8 @@
 - `device_free_bytes`: what can still be allocated on a device (CUDA free memory, CPU
   MemAvailable).
 - `read_rgb`: one image file -> uint8 CHW RGB tensor (PIL, as torchvision's ImageFolder).
-- `storage_size`: the size a split is kept at by loaders that store decoded pixels.
+- `storage_size` / `storage_view` / `view_of`: the size a split is kept at by loaders that
+  store decoded pixels, and what those pixels are (native, stretched, the eval view).
 
 Loader backends never import each other; what two of them need lives here.
 """
@@ -220,3 +221,28 @@ def storage_size(split, size: int) -> tuple[int, int]:
         if h <= size and w <= size:
             return h, w
     return size, size
+
+
+def storage_view(split, spec, train: bool) -> tuple[tuple[int, int], str]:
+    """((H, W), view) of the stored pixels for a loader of `spec` in this mode, H, W from
+    `storage_size`. view: "native" (the files' pixels), "stretch" (resized to size x size,
+    aspect ignored; also the "rrc" source: boxes are drawn on the original sizes and cut
+    from it in normalised coordinates) or "center" (the evaluation view itself: short side
+    resized, centre crop; for eval_resize "center")."""
+    hw = storage_size(split, spec.size)
+    if len(set(split.sizes)) == 1 and tuple(split.sizes[0]) == hw:
+        return hw, "native"
+    return hw, "center" if not train and spec.eval_resize == "center" else "stretch"
+
+
+def view_of(image: torch.Tensor, view: str, spec) -> torch.Tensor:
+    """A uint8 CHW image as `storage_view` stores it, with the reference's own ops
+    (torchvision v2, bilinear, antialiased, on the uint8 tensor)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+    bil, S = InterpolationMode.BILINEAR, spec.size
+    if view == "center":
+        return TF.center_crop(TF.resize(image, [spec.eval_size], interpolation=bil, antialias=True), [S, S])
+    if view == "stretch" and tuple(image.shape[1:]) != (S, S):
+        return TF.resize(image, [S, S], interpolation=bil, antialias=True)
+    return image

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from loaders.base import EpochLoader, LoaderOptions, batch_seed, batches_per_epoch
-from loaders.params import NCOLS, params_from_uniforms, warp_matrix
+from loaders.params import NCOLS, center_crop_box, ncols, params_from_uniforms, warp_matrix
 from loaders.spec import LUMA, AugmentSpec
 
 READER = "Reader"
@@ -56,59 +57,99 @@ class Draws:
     mapping augment.py uses, in torch on the CPU) -> DALI's operator arguments."""
 
     def __init__(self, spec: AugmentSpec, train: bool = True, scale_src: bool = True,
-                 src_hw: tuple[int, int] | None = None):
+                 src_hw: tuple[int, int] | None = None, rrc_decode: str = "slice",
+                 shrink: bool = False):
         """`scale_src`: the warp also resizes the source to the training size; `src_hw`:
         the sources' common (height, width), or None when sizes vary (then the pipeline
-        passes each image's shape)."""
-        self.spec = spec if train else spec.without()
-        self.scale_src = scale_src
-        self.src_hw = src_hw if scale_src else (spec.size, spec.size)
+        passes each image's shape). spec.resize "rrc": the pipeline passes each file's
+        shape; `rrc_decode` "slice": the box is decoded alone (outputs "anchor", "shape")
+        and, with `shrink` (sources larger than S), resized to S x S by the pipeline, else
+        mapped onto the canvas by the warp; "full": the warp cuts it from the image."""
+        self.spec = spec if train else replace(spec.without(), resize="stretch")
         sp = self.spec
+        self.rrc = sp.resize == "rrc"
+        self.slice = self.rrc and rrc_decode == "slice"
+        self.shrink = self.slice and shrink
+        self.boxed = self.rrc and not self.slice          # the box is part of the warp
+        self.scale_src = scale_src and not self.slice
+        self.src_hw = src_hw if self.scale_src else (spec.size, spec.size)
         self.geometric = any(getattr(sp, op) for op in GEOMETRY)
         self.jitter = sp.jitter
         self.colour = sp.jitter or sp.grayscale
-        self.width = NCOLS if sp.any_enabled else 0
+        self.width = ncols(sp) if sp.any_enabled else 0
         # What the pipeline needs from this object, per batch.
-        self.warp = self.geometric or scale_src
-        self.shape_input = scale_src and src_hw is None
-        self.outputs = []
-        if self.warp and (self.geometric or sp.flip or self.shape_input):
+        self.warp = self.geometric or self.scale_src or (self.rrc and not self.shrink)
+        self.shape_input = self.scale_src and src_hw is None and not self.rrc
+        self.outputs = ["anchor", "shape"] if self.slice else []
+        if self.warp and (self.geometric or sp.flip or self.shape_input or self.rrc):
             self.outputs.append("matrix")
         elif not self.warp and sp.flip:
             self.outputs.append("mirror")
         if self.colour:
             self.outputs += ["hue", "saturation"]
         if self.jitter:
-            self.outputs += ["brightness", "contrast", "grey"]
+            self.outputs += ["brightness", "contrast"] + ([] if self.slice else ["grey"])
 
     def constant_matrix(self) -> list[float]:
         """The warp's matrix when it is the same for every sample (a plain resize)."""
-        p = params_from_uniforms(torch.zeros(1, NCOLS), self.spec.without())
+        p = params_from_uniforms(torch.zeros(1, NCOLS), replace(self.spec.without(), resize="stretch"))
         return warp_matrix(p, self.spec.size, self.src_hw)[0].to(torch.float32).ravel().tolist()
 
     def __call__(self, u, *rest):
-        """fn.python_function body: (draws[, image shapes][, channel means]) -> one list of
-        per-sample arrays for each name in `self.outputs`."""
-        p = params_from_uniforms(torch.from_numpy(np.stack(u)), self.spec)
+        """fn.python_function body: (draws[, file or image shapes][, channel means]) -> one
+        list of per-sample arrays for each name in `self.outputs`."""
         rest = list(rest)
-        n, outs = len(p), {}
-        if self.shape_input:
-            hw = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, -1)[:, :2].astype(np.float64))
-        else:
-            hw = self.src_hw
+        n, outs = len(u), {}
+        shapes = lambda: torch.from_numpy(np.stack(rest.pop(0)).reshape(n, -1)[:, :2].astype(np.float64))  # noqa: E731
+        orig = shapes() if self.rrc else None
+        p = params_from_uniforms(torch.from_numpy(np.stack(u)), self.spec, orig)
+        hw = shapes() if self.shape_input else self.src_hw
+        if self.rrc and self.scale_src and self.src_hw is None:
+            hw = orig                                   # decoded at the files' own sizes
+        if self.slice:                                  # (x, y) and (w, h) for image_slice
+            outs["anchor"], outs["shape"] = p.box[:, [1, 0]], p.box[:, [3, 2]]
+            hw = self.src_hw if self.shrink else p.box[:, 2:]
         if "matrix" in self.outputs:
-            outs["matrix"] = warp_matrix(p, self.spec.size, hw)
+            outs["matrix"] = warp_matrix(p, self.spec.size, hw, box=self.boxed)
         if "mirror" in self.outputs:
             outs["mirror"] = p.flip.to(torch.int32)
         if self.colour:                  # grayscale = saturation 0 (the same luma blend)
             outs["hue"] = p.hue * 360.0                                 # turns -> degrees
             outs["saturation"] = p.saturation * ~p.grayscale
         if self.jitter:
-            means = torch.from_numpy(np.stack(rest.pop(0)).reshape(n, 3).astype(np.float64))
-            outs.update(brightness=p.brightness, contrast=p.contrast,
-                        grey=means @ torch.tensor(LUMA, dtype=torch.float64))
+            outs.update(brightness=p.brightness, contrast=p.contrast)
+            if not self.slice:
+                outs["grey"] = grey_mean(rest.pop(0))
         return tuple([np.asarray(v) for v in outs[k].numpy().astype(
             np.int32 if k == "mirror" else np.float32)] for k in self.outputs)
+
+
+def grey_mean(means) -> torch.Tensor:
+    """fn.reductions.mean's per-channel means of a batch -> each image's grey mean (LUMA):
+    torchvision's contrast pivot."""
+    m = torch.from_numpy(np.stack(means).reshape(len(means), 3).astype(np.float64))
+    return m @ torch.tensor(LUMA, dtype=torch.float64)
+
+
+def _grey_arrays(means) -> list[np.ndarray]:
+    return [np.asarray(v) for v in grey_mean(means).numpy().astype(np.float32)]
+
+
+class CenterArgs:
+    """fn.python_function body for evaluation "center": the files' shapes -> per sample
+    the resized width and height and the crop's (x, y) (torchvision's arithmetic,
+    `params.center_crop_box`)."""
+
+    def __init__(self, spec: AugmentSpec):
+        self.spec = spec
+
+    def __call__(self, shapes):
+        rw, rh, anchor = [], [], []
+        for shp in shapes:
+            (h, w), (top, left) = center_crop_box(np.asarray(shp)[:2], self.spec)
+            rw.append(np.array(w, np.float32)), rh.append(np.array(h, np.float32))
+            anchor.append(np.array([left, top], np.int32))
+        return rw, rh, anchor
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -117,12 +158,14 @@ class Draws:
 def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, feed=None,
                   shard_id: int = 0, num_shards: int = 1, out_dtype=types.FLOAT,
                   source_first: bool = True, source_hw: tuple[int, int] | None = None,
-                  debug: bool = False, reader=None):
+                  debug: bool = False, rrc_decode: str = "slice", reader=None):
     """The loader's one pipeline; `device` is "cpu" or "gpu" (decode "mixed", ops "gpu").
 
     `source_first`: every source is at most `spec.size`, so colour runs at the source size
     and the warp upscales; otherwise images are resized (antialiased) to `spec.size` first.
-    `source_hw`: the sources' common (height, width), None when sizes vary.
+    `source_hw`: the sources' common (height, width), None when sizes vary. Resize policy:
+    training "rrc" decodes the box alone and resizes it (`rrc_decode` "slice") or cuts it
+    in the warp ("full"); evaluation "center" resizes, then slices the centre crop.
     `labels` are passed through (the loader passes sample indices and maps them).
     `reader`: a callable returning (encoded images, labels) in place of the file reader
     (the webdataset loader's). Returns (images HWC normalised in out_dtype, labels int32
@@ -135,26 +178,35 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
     else:
         jpegs, labels = reader()
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma like libjpeg-turbo (the reference).
-    img = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu",
-                            output_type=types.RGB, adjust_orientation=False,
-                            jpeg_fancy_upsampling=True)
-    if device == "gpu":
-        labels = labels.gpu()
-    resize = source_hw != (s, s)
-    if not source_first and resize:
+    dec = dict(device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+               jpeg_fancy_upsampling=True)
+    center = not train and spec.eval_resize == "center"
+    draws = Draws(spec, train, scale_src=source_first and source_hw != (s, s) and not center,
+                  src_hw=source_hw, rrc_decode=rrc_decode, shrink=not source_first)
+    if not draws.slice:
+        img = fn.decoders.image(jpegs, adjust_orientation=False, **dec)
+    if center:             # Resize(short side) + CenterCrop, torchvision's arithmetic
+        shapes = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
+        rw, rh, anchor = fn.python_function(shapes, function=CenterArgs(spec),
+                                            batch_processing=True, num_outputs=3)
+        img = fn.resize(img, resize_x=rw, resize_y=rh, interp_type=types.INTERP_LINEAR,
+                        antialias=True)
+        img = fn.slice(img, anchor, np.array([s, s], np.int32), normalized_anchor=False,
+                       normalized_shape=False)
+    elif not source_first and source_hw != (s, s) and not draws.slice:
         img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
-    draws = Draws(spec, train, scale_src=source_first and resize, src_hw=source_hw)
     # Per-sample uniform draws: from `feed` (a DrawFeed: keyed by epoch and batch), or
     # DALI's own seeded RNG when none is given.
     u = fn.external_source(source=feed, batch=True, dtype=types.FLOAT, ndim=1) if feed \
         else fn.random.uniform(range=[0.0, 1.0], shape=[max(1, draws.width)])
-    mtx = draws.constant_matrix() if draws.warp else None
-    mirror = 0
+    outs = {}
     if draws.outputs:
         inputs = [u]
+        if draws.rrc:                       # the files' shapes, from their headers
+            inputs.append(fn.peek_image_shape(jpegs, dtype=types.FLOAT))
         if draws.shape_input:
             inputs.append(img.shape(dtype=types.FLOAT))
-        if draws.jitter:
+        if draws.jitter and not draws.slice:
             means = fn.reductions.mean(img, axes=[0, 1], dtype=types.FLOAT)
             inputs.append(means.cpu() if device == "gpu" else means)   # GPU -> CPU: 3 floats
         # One Python call per batch: ~60 fn.transforms.* operators cost more than the warp
@@ -162,6 +214,20 @@ def dali_pipeline(files, labels, spec: AugmentSpec, train: bool, device: str, fe
         outs = fn.python_function(*inputs, function=draws, batch_processing=True,
                                   num_outputs=len(draws.outputs))
         outs = dict(zip(draws.outputs, outs if len(draws.outputs) > 1 else [outs]))
+    if draws.slice:        # RandomResizedCrop: decode the box only (then as the reference: its
+        img = fn.decoders.image_slice(jpegs, outs["anchor"], outs["shape"], normalized_anchor=False,
+                                      normalized_shape=False, **dec)
+        if draws.shrink:   # resize to s, antialiased; small sources: the warp upsamples it)
+            img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
+        if draws.jitter:   # the contrast pivot: the grey mean of the resized box
+            means = fn.reductions.mean(img, axes=[0, 1], dtype=types.FLOAT)
+            outs["grey"] = fn.python_function(means.cpu() if device == "gpu" else means,
+                                              function=_grey_arrays, batch_processing=True)
+    if device == "gpu":
+        labels = labels.gpu()
+    mtx = draws.constant_matrix() if draws.warp else None
+    mirror = 0
+    if draws.outputs:
         mtx = outs.get("matrix", mtx)
         mirror = outs.get("mirror", mirror)
         if draws.colour:
@@ -256,8 +322,8 @@ class DaliLoader(EpochLoader):
 
     BLOCK_SAMPLES = 400_000         # file-list entries per pipeline: ~0.7 s to build
 
-    def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
-        self.split, self.spec = split, spec
+    def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions, *, rrc_decode: str = "slice"):
+        self.split, self.spec, self.rrc_decode = split, spec, rrc_decode
         self._init_epochs(len(split), opts)
         self.device = torch.device(opts.device)
         self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
@@ -314,6 +380,7 @@ class DaliLoader(EpochLoader):
             [self.split.paths[i] for i in indices], [int(i) for i in indices], self.spec,
             self.opts.train, self.dali_device, feed=feed, out_dtype=_dali_dtype(self.opts.dtype),
             source_first=self.source_first, source_hw=self.source_hw, debug=debug,
+            rrc_decode=self.rrc_decode,
             batch_size=self.opts.batch_size, num_threads=max(1, self.opts.workers),
             device_id=self.device_id, seed=self.opts.seed)
         pipe.build()

@@ -40,7 +40,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from loaders.columns import load_columns, save_columns
-from loaders.common import DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, remove_stale_temps
+from loaders.common import (DISK_FULL, ConfigError, atomic_path, atomic_write, file_lock, read_rgb,
+                            remove_stale_temps, view_of)
 from loaders.ingest import WorkerPool, run_chunks, usable_cores
 
 MANIFEST_VERSION = 3            # 3: columns in files-<key>/<split>.npz, header checks, resumable chunks
@@ -166,12 +167,13 @@ def _load_dataset(source: str, cache_root, synthetic: SyntheticConfig, work: _Wo
                       "or webdataset:PATTERN")
 
 
-def decoded(split: Split, size: int | None = None) -> np.ndarray:
+def decoded(split: Split, size: int | None = None, view: str = "stretch", spec=None) -> np.ndarray:
     """The split as one uint8 array (N, H, W, 3), decoded once and cached as .npy.
 
     Images keep their native size when they all share it and `size` is None; otherwise
-    each is resized (bilinear, antialiased) to size x size. A file that fails to decode
-    (ingest checks headers only) is black, with a RuntimeWarning naming it."""
+    each is resized (bilinear, antialiased) to size x size, or with view "center" made
+    the evaluation view of `spec` (`common.view_of`). A file that fails to decode (ingest
+    checks headers only) is black, with a RuntimeWarning naming it."""
     sizes = set(split.sizes)
     if size is None:
         if len(sizes) != 1:
@@ -180,7 +182,8 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
         h, w = sizes.pop()
     else:
         h = w = size
-    out = split.cache_dir / f"{split.name}-decoded-{h}x{w}.npy"
+    tag = f"-center{spec.eval_size}" if view == "center" else ""
+    out = split.cache_dir / f"{split.name}-decoded-{h}x{w}{tag}.npy"
     key = _hash("\n".join(split.paths))[:12]
     meta = out.with_suffix(".key")
     with file_lock(split.cache_dir / ".lock"):
@@ -190,6 +193,9 @@ def decoded(split: Split, size: int | None = None) -> np.ndarray:
         failed = []
         for i, p in enumerate(split.paths):
             try:
+                if view == "center":
+                    arr[i] = view_of(read_rgb(p), view, spec).permute(1, 2, 0).numpy()
+                    continue
                 with Image.open(p) as im:
                     im = im.convert("RGB")
                     if im.size != (w, h):

@@ -3,8 +3,8 @@ FFCV's compiled (numba) pipeline, every augmentation on the device through `load
 
 Storage: ONE content-keyed .beton per split in `<dataset cache>/ffcv/` (exact uint8 pixels
 by default, or JPEG), at the images' native size when they share one no larger than the
-training size (the upscale happens inside augment.py's warp), else at the training size;
-written atomically under a lock; unreadable images are reported by name and left out (a
+training size (the upscale happens inside augment.py's warp), else at the training size
+(`common.storage_view`; photos: docs/datasets.md); written atomically under a lock; unreadable images are reported by name and left out (a
 ConfigError with `strict=True`). Loading: FFCV decodes, batches and moves uint8 to the
 device, then one `augment` call per batch does the whole spec (FFCV has no rotation,
 perspective, hue or grayscale op, and a host flip/crop would be an extra pass). Orders:
@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ with _torch_threads_kept():
 from loaders.augment import augment
 from loaders.base import EpochLoader, LoaderOptions, batch_seed, derive_seed, epoch_indices
 from loaders.common import (ConfigError, atomic_path, atomic_write, device_free_bytes, die_with_parent, file_lock,
-                            read_rgb, remove_stale_temps, storage_size)
+                            read_rgb, remove_stale_temps, storage_view, view_of)
 from loaders.spec import AugmentSpec
 
 
@@ -132,16 +132,26 @@ class Beton:
 
 def stored_size(split, spec: AugmentSpec, options: BetonOptions = BetonOptions()) -> tuple[int, int]:
     """(H, W) the split is stored at in the .beton."""
-    if options.resolution == "train":
-        return spec.size, spec.size
-    return storage_size(split, spec.size)
+    return stored_view(split, spec, options)[0]
 
 
-def _read(path: str, hw: tuple[int, int]) -> np.ndarray:
+def stored_view(split, spec: AugmentSpec, options: BetonOptions = BetonOptions(),
+                train: bool = True) -> tuple[tuple[int, int], str]:
+    """((H, W), view) of the .beton's pixels (`common.storage_view`)."""
+    hw, view = storage_view(split, spec, train)
+    if options.resolution == "train" and view == "native" and hw != (spec.size, spec.size):
+        return (spec.size, spec.size), "stretch"
+    return hw, view
+
+
+def _read(path: str, hw: tuple[int, int], view: str = "stretch", spec: AugmentSpec | None = None) -> np.ndarray:
     """uint8 (H, W, 3) as the reference loader sees it: PIL decode, then (only when the
-    file's size differs) torchvision's bilinear antialiased resize of the uint8 tensor."""
+    file's size differs) torchvision's bilinear antialiased resize of the uint8 tensor;
+    view "center": the evaluation view of `spec` (`common.view_of`)."""
     t = read_rgb(path)
-    if tuple(t.shape[1:]) != tuple(hw):
+    if view == "center":
+        t = view_of(t, view, spec)
+    elif tuple(t.shape[1:]) != tuple(hw):
         t = TF.resize(t, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
     return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
 
@@ -151,8 +161,9 @@ class _Images:
     hangs FFCV's writer: docs/loaders.md): an unreadable image is flagged in `bad` (shared
     memory) and written as a black placeholder that the loader leaves out."""
 
-    def __init__(self, paths, labels, hw, bad):
+    def __init__(self, paths, labels, hw, bad, view="stretch", spec=None):
         self.paths, self.labels, self.hw, self.bad = paths, labels, hw, bad
+        self.view, self.spec = view, spec
         self._threads_set = False
 
     def __len__(self):
@@ -163,7 +174,7 @@ class _Images:
             torch.set_num_threads(1)
             self._threads_set = True
         try:
-            return _read(self.paths[i], self.hw), int(self.labels[i])
+            return _read(self.paths[i], self.hw, self.view, self.spec), int(self.labels[i])
         except Exception:  # noqa: BLE001  (any failure: report the file, never hang the writer)
             self.bad[i] = 1
             return np.zeros((*self.hw, 3), np.uint8), -1
@@ -185,9 +196,16 @@ def _stat(path: str) -> str:
         return "missing"
 
 
-def beton_path(split, hw: tuple[int, int], options: BetonOptions = BetonOptions()) -> Path:
-    """Where the .beton for this path list, stored size and options lives (content-keyed)."""
+def _view_tag(view: str, spec: AugmentSpec | None) -> str:
+    return f"center{spec.eval_size}" if view == "center" else ""
+
+
+def beton_path(split, hw: tuple[int, int], options: BetonOptions = BetonOptions(),
+               view: str = "stretch", spec: AugmentSpec | None = None) -> Path:
+    """Where the .beton for this path list, stored size, view and options lives
+    (content-keyed)."""
     mode = options.write_mode + (str(options.jpeg_quality) if options.write_mode == "jpg" else "")
+    mode += _view_tag(view, spec)
     listed = _hash(p for pair in zip(split.paths, split.labels) for p in pair)
     key = _hash([_FORMAT, FFCV_VERSION, hw, mode, *map(_stat, split.paths)])
     return Path(split.cache_dir) / "ffcv" / f"{split.name}-{hw[0]}x{hw[1]}-{mode}-{listed}-{key}.beton"
@@ -288,9 +306,9 @@ def _run_watched(writer: DatasetWriter, dataset, chunksize: int) -> None:
         signal.signal(signal.SIGUSR1, old)
 
 
-def _describe(path: str, hw) -> str:
+def _describe(path: str, hw, view="stretch", spec=None) -> str:
     try:
-        _read(path, hw)
+        _read(path, hw, view, spec)
         return f"{path} (unreadable at write time)"
     except Exception as e:  # noqa: BLE001
         return f"{path} ({type(e).__name__}: {e})"
@@ -307,7 +325,8 @@ def _report(b: Beton, strict: bool) -> None:
           file=sys.stderr, flush=True)
 
 
-def _write(split, hw, options: BetonOptions, path: Path, workers: int, strict: bool) -> Beton:
+def _write(split, hw, options: BetonOptions, path: Path, workers: int, strict: bool,
+           view: str = "stretch", spec: AugmentSpec | None = None) -> Beton:
     n = len(split)
     bad = multiprocessing.RawArray(ctypes.c_uint8, n)
     field = RGBImageField(write_mode=options.write_mode, jpeg_quality=options.jpeg_quality)
@@ -316,9 +335,9 @@ def _write(split, hw, options: BetonOptions, path: Path, workers: int, strict: b
         writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()},
                                page_size=_page_size(hw), num_workers=max(1, workers))
         with _torch_threads_kept():
-            _run_watched(writer, _Images(split.paths, split.labels, hw, bad),
+            _run_watched(writer, _Images(split.paths, split.labels, hw, bad, view, spec),
                          chunksize=max(1, min(100, n // (4 * max(1, workers)))))
-        skipped = tuple((i, _describe(split.paths[i], hw)) for i in range(n) if bad[i])
+        skipped = tuple((i, _describe(split.paths[i], hw, view, spec)) for i in range(n) if bad[i])
         size = tmp.stat().st_size
         b = Beton(path, n, skipped, size, time.perf_counter() - t0)
         _report(b, strict)                       # strict: raises, the temp file is removed
@@ -340,19 +359,20 @@ def _prune_stale(path: Path) -> None:
 
 
 def ensure_beton(split, hw: tuple[int, int], options: BetonOptions = BetonOptions(), *,
-                 workers: int = 2, strict: bool = False, force: bool = False) -> Beton:
-    """The split's .beton at stored size `hw`: reused when complete and current, else
-    (or with `force`) written, atomically. Unreadable images: reported (and skipped), or a
-    ConfigError under `strict`."""
+                 workers: int = 2, strict: bool = False, force: bool = False,
+                 view: str = "stretch", spec: AugmentSpec | None = None) -> Beton:
+    """The split's .beton at stored size `hw` (`view` "center": the eval view of `spec`):
+    reused when complete and current, else (or with `force`) written, atomically.
+    Unreadable images: reported (and skipped), or a ConfigError under `strict`."""
     if len(split) == 0:
         raise ConfigError(f"ffcv: the {split.name} split has no images; check --data")
-    path = beton_path(split, hw, options)
+    path = beton_path(split, hw, options, view, spec)
     stem = path.name.rsplit("-", 1)[0]
     with file_lock(path.parent / (stem + ".lock")):
         remove_stale_temps(path.parent, f".{stem}-*.tmp")    # a killed writer's (.beton, sidecar)
         b = None if force else _existing(path, len(split))
         if b is None:
-            b = _write(split, hw, options, path, workers, strict)
+            b = _write(split, hw, options, path, workers, strict, view, spec)
             _prune_stale(path)
         else:
             _report(b, strict)
@@ -450,8 +470,14 @@ class FfcvLoader(EpochLoader):
         if dist is not None and dist != (opts.rank, opts.world_size):
             raise ConfigError(f"ffcv: LoaderOptions rank/world_size {opts.rank}/{opts.world_size} "
                               f"differ from torch.distributed's {dist[0]}/{dist[1]}")
-        self.hw = stored_size(split, spec, beton)
-        self.beton = ensure_beton(split, self.hw, beton, workers=opts.workers, strict=strict)
+        self.hw, view = stored_view(split, spec, beton, opts.train)
+        self.beton = ensure_beton(split, self.hw, beton, workers=opts.workers, strict=strict,
+                                  view=view, spec=spec)
+        if view == "center":                  # stored as the eval view: nothing left to crop
+            self.spec = replace(spec, eval_resize="stretch")
+        # "rrc" boxes are drawn on the original sizes, whatever size the pixels are kept at.
+        self.src_hw = torch.from_numpy(np.asarray(split.sizes, dtype=np.float64)) \
+            if opts.train and spec.resize == "rrc" else None
         readable = self.readable = self.beton.readable
         if len(readable) == 0:
             raise ConfigError(f"ffcv: no readable image in the {split.name} split")
@@ -513,12 +539,16 @@ class FfcvLoader(EpochLoader):
         finally:
             if skip_here:
                 self.traversal.skip = 0
+        order = None if self.src_hw is None else torch.from_numpy(
+            np.ascontiguousarray(self.sample_indices(epoch), dtype=np.int64))
         try:
             for b, (x, y) in enumerate(it, first if skip_here else 0):
                 if b < first:
                     continue
                 self.generator.manual_seed(batch_seed(o.seed, o.rank, epoch, b))
+                hw = None if order is None else \
+                    self.src_hw[order[b * o.batch_size:b * o.batch_size + len(y)]].to(x.device)
                 yield (augment(x, self.spec, self.generator, o.dtype, train=o.train,
-                               emulate_clipping=self.emulate_clipping), y.clone())
+                               emulate_clipping=self.emulate_clipping, src_hw=hw), y.clone())
         finally:
             _stop(it)

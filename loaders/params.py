@@ -7,8 +7,8 @@ Every augmenting loader goes through here: augment.py (resident, FFCV) draws wit
 Distributions are torchvision v2's (see `params_from_uniforms`); the tests compare them
 with the v2 ops. Geometry is one 3x3 projective map per sample in continuous pixel
 coordinates (pixel i spans [i, i+1], centre i+0.5: torchvision's tensor kernels'
-convention), composed in the report's order: resize, flip, pad-crop, rotation about the
-centre, translation, perspective.
+convention), composed in the report's order: resize (or RandomResizedCrop's box, spec.resize
+"rrc"), flip, pad-crop, rotation about the centre, translation, perspective.
 """
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ import torch
 
 from loaders.spec import LUMA, AugmentSpec
 
-NCOLS = 24          # uniforms per sample; column layout in params_from_uniforms
+NCOLS = 24          # uniforms per sample for the report's spec; layout in params_from_uniforms
+RRC_ATTEMPTS = 10   # RandomResizedCrop.get_params' tries before its fallback
+RRC_COLS = 2 * RRC_ATTEMPTS + 2   # more uniforms per sample with spec.resize "rrc"
+
+
+def ncols(spec: AugmentSpec) -> int:
+    """Uniforms per sample the spec's draw takes (NCOLS, plus RRC_COLS for "rrc")."""
+    return NCOLS + (RRC_COLS if spec.resize == "rrc" else 0)
 
 
 @dataclass
@@ -31,7 +38,9 @@ class Params:
     (left - pad, top - pad), `translate` (N,2) RandomAffine's integer (tx, ty), `corners`
     (N,4,2) RandomPerspective's endpoints (tl, tr, br, bl; equal to the start points when
     `perspective` is False). Colour: jitter factors, `order` (N,4) a permutation of
-    0=brightness 1=contrast 2=saturation 3=hue (torchvision's fn_idx)."""
+    0=brightness 1=contrast 2=saturation 3=hue (torchvision's fn_idx). RandomResizedCrop
+    (spec.resize "rrc"): `box` (N,4) (top, left, height, width) integer pixels of a source of
+    size `src_hw` (N,2) (H, W); None: the whole source (a plain resize)."""
     flip: torch.Tensor         # bool
     shift: torch.Tensor        # float64 (N,2) integers
     angle: torch.Tensor        # float64 degrees, counter-clockwise like F.rotate
@@ -44,16 +53,21 @@ class Params:
     hue: torch.Tensor          # turns
     order: torch.Tensor        # int64 (N,4)
     grayscale: torch.Tensor    # bool
+    box: torch.Tensor | None = None     # float64 (N,4) integers
+    src_hw: torch.Tensor | None = None  # float64 (N,2)
+
+    def _map(self, fn) -> "Params":
+        return Params(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                         for f in fields(self)})
 
     def to(self, device) -> "Params":
-        return Params(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                         for f in fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def __len__(self) -> int:
         return self.flip.shape[0]
 
     def __getitem__(self, sl: slice) -> "Params":
-        return Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
+        return self._map(lambda t: t[sl])
 
 
 @functools.lru_cache(maxsize=256)
@@ -69,9 +83,10 @@ def const(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- parameters
 
-def params_from_uniforms(u: torch.Tensor, spec: AugmentSpec) -> Params:
-    """The spec's per-sample parameters from uniforms u (N, NCOLS) in [0, 1), float64 on
-    u's device. Disabled augmentations get identity values.
+def params_from_uniforms(u: torch.Tensor, spec: AugmentSpec, src_hw=None) -> Params:
+    """The spec's per-sample parameters from uniforms u (N, ncols(spec)) in [0, 1), float64
+    on u's device. Disabled augmentations get identity values. `src_hw`: the sources'
+    (H, W), one pair or (N,2), for the "rrc" box (default: size x size).
 
     torchvision v2's distributions: flip Bernoulli(flip_p) (col 0); pad-crop offsets
     integer uniform on [0, 2*pad] per axis (1-2); rotation U(-d, d) (3); ColorJitter
@@ -80,9 +95,9 @@ def params_from_uniforms(u: torch.Tensor, spec: AugmentSpec) -> Params:
     8-11); grayscale Bernoulli(grayscale_p) (12); translation round(U(-f*S, f*S)) pixels
     per axis (13-14, RandomAffine's integer draw); perspective Bernoulli(perspective_p)
     (15), then each corner moved inwards by randint(0, int(distortion*(S//2))+1) per axis
-    (16-23, RandomPerspective's draw). Integer draws are floor(u * k), uniform on 0..k-1
-    like torch.randint."""
-    u = u.to(torch.float64).reshape(u.shape[0], NCOLS)
+    (16-23, RandomPerspective's draw); "rrc": `rrc_boxes` (24-45). Integer draws are
+    floor(u * k), uniform on 0..k-1 like torch.randint."""
+    u = u.to(torch.float64).reshape(u.shape[0], ncols(spec))
     n, device = u.shape[0], u.device
     S, pad = spec.size, spec.crop_padding
     zeros, ones = u.new_zeros(n), u.new_ones(n)
@@ -120,18 +135,64 @@ def params_from_uniforms(u: torch.Tensor, spec: AugmentSpec) -> Params:
         corners = torch.where(persp[:, None, None], lo + r, start)
     else:
         persp, corners = no, start.clone()
+    box = hw = None
+    if spec.resize == "rrc":
+        hw = torch.as_tensor((S, S) if src_hw is None else src_hw, dtype=torch.float64,
+                             device=device).reshape(-1, 2).expand(n, 2)
+        box = rrc_boxes(u[:, NCOLS:], hw, spec.rrc_scale, spec.rrc_ratio)
     return Params(flip, shift, angle, translate, persp, corners, bright, contrast, sat, hue,
-                  order, gray)
+                  order, gray, box, hw)
+
+
+def rrc_boxes(u: torch.Tensor, hw: torch.Tensor, scale, ratio) -> torch.Tensor:
+    """torchvision's `RandomResizedCrop.get_params`, vectorised: (N,4) (top, left, height,
+    width) from uniforms u (N, RRC_COLS) on sources of size hw (N,2). Attempt k takes area
+    fraction U(scale) (col k) and log aspect U(log ratio) (col 10+k), width and height
+    round(sqrt(area * aspect)), round(sqrt(area / aspect)); the first that fits is placed
+    at integer uniform (top, left) (cols 20, 21); none fits: the centre crop of the whole
+    image with its aspect clamped to ratio."""
+    H, W = hw[:, 0:1], hw[:, 1:2]
+    k = RRC_ATTEMPTS
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :k])
+    lr = torch.log(torch.tensor(ratio, dtype=torch.float32)).to(u)   # float32, as torchvision
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, k:2 * k])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)          # the first fitting attempt
+    found = ok.any(dim=1)
+    H, W = H[:, 0], W[:, 0]
+    lo, hi = min(ratio), max(ratio)
+    wide, tall = W / H > hi, W / H < lo
+    fw = torch.where(wide, torch.round(H * hi), W)                   # the fallback
+    fh = torch.where(tall, torch.round(W / lo), H)
+    w = torch.where(found, w.gather(1, first)[:, 0], fw)
+    h = torch.where(found, h.gather(1, first)[:, 0], fh)
+    top = torch.where(found, torch.minimum(torch.floor(u[:, 2 * k] * (H - h + 1)), H - h),
+                      torch.floor((H - h) / 2))
+    left = torch.where(found, torch.minimum(torch.floor(u[:, 2 * k + 1] * (W - w + 1)), W - w),
+                       torch.floor((W - w) / 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def center_crop_box(hw, spec: AugmentSpec) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Evaluation "center" on an (H, W) source, torchvision's arithmetic: ((H', W') the short
+    side resized to spec.eval_size, (top, left) of the centre size x size crop there)."""
+    h, w = (int(v) for v in hw)
+    r, S = spec.eval_size, spec.size
+    short, long = (w, h) if w <= h else (h, w)
+    long = int(r * long / short)
+    rh, rw = (long, r) if w <= h else (r, long)
+    return (rh, rw), (int(round((rh - S) / 2.0)), int(round((rw - S) / 2.0)))
 
 
 def draw_params(n: int, spec: AugmentSpec, generator: torch.Generator | None = None,
-                device=None) -> Params:
+                device=None, src_hw=None) -> Params:
     """Independent per-sample parameters for `n` images, from one torch.rand call on
-    `device` (default: the generator's)."""
+    `device` (default: the generator's). `src_hw`: as in `params_from_uniforms`."""
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand((n, NCOLS), generator=generator, device=device, dtype=torch.float64)
-    return params_from_uniforms(u, spec)
+    u = torch.rand((n, ncols(spec)), generator=generator, device=device, dtype=torch.float64)
+    return params_from_uniforms(u, spec, src_hw)
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -171,14 +232,23 @@ def _perspective_matrix(corners: torch.Tensor, S: int) -> torch.Tensor:
     return hm / hm[:, 2:3, 2:3]
 
 
+def _box_matrix(p: Params) -> torch.Tensor | None:
+    """RandomResizedCrop's box: normalised S x S canvas -> normalised source coordinates."""
+    if p.box is None:
+        return None
+    top, left, h, w = p.box.unbind(-1)
+    H, W = p.src_hw.unbind(-1)
+    return _mat([[w / W, 0, (2 * left + w) / W - 1], [0, h / H, (2 * top + h) / H - 1], [0, 0, 1]])
+
+
 def stage_matrices(p: Params, S: int) -> dict[str, torch.Tensor]:
     """(N,3,3) float64 maps from normalised output coordinates ([-1,1], half-pixel) to the
-    normalised coordinates of each canvas the sequence reads from: 'crop' (the resized,
-    flipped image: equal to the normalised source coordinates; the whole geometry),
-    'rotate' (the crop's output), 'translate' (the rotation's output), 'perspective' (the
-    translation's output). 'jitter' maps the canvas the colour jitter sees in the sequence
-    (after flip, pad-crop and rotation) to the source: its contrast pivot is that canvas's
-    mean, black corners included."""
+    normalised coordinates of each canvas the sequence reads from: 'crop' (the source: the
+    whole geometry), 'canvas' (the resized or RandomResizedCrop'd S x S image, before the
+    flip; 'crop' without the box), 'rotate' (the crop's output), 'translate' (the
+    rotation's output), 'perspective' (the translation's output). 'jitter' maps the canvas
+    the colour jitter sees in the sequence (after flip, pad-crop and rotation) to the
+    source: its contrast pivot is that canvas's mean, black corners included."""
     n, dev, dt = len(p), p.angle.device, torch.float64
     eye = torch.eye(3, dtype=dt, device=dev).expand(n, 3, 3)
     half = S / 2
@@ -198,14 +268,17 @@ def stage_matrices(p: Params, S: int) -> dict[str, torch.Tensor]:
     m_t = trans @ m_p
     m_r = rot @ m_t
     pre_jitter = norm @ flip @ crop
-    return {"crop": pre_jitter @ m_r, "rotate": norm @ m_r,
-            "translate": norm @ m_t, "perspective": norm @ m_p,
-            "jitter": pre_jitter @ rot @ denorm}
+    canvas, jitter = pre_jitter @ m_r, pre_jitter @ rot @ denorm
+    box = _box_matrix(p)
+    return {"crop": canvas if box is None else box @ canvas, "canvas": canvas,
+            "rotate": norm @ m_r, "translate": norm @ m_t, "perspective": norm @ m_p,
+            "jitter": jitter if box is None else box @ jitter}
 
 
-def warp_matrix(p: Params, S: int, src_hw=None) -> torch.Tensor:
+def warp_matrix(p: Params, S: int, src_hw=None, box: bool = True) -> torch.Tensor:
     """(N,3,3) float64: output pixel coordinates -> source pixel coordinates (corner
-    origin), the whole geometry including the resize from a (H, W) source to S x S.
+    origin), the whole geometry including the resize (or the "rrc" box, unless `box` is
+    False: the source is then that box, already cut out) from a (H, W) source to S x S.
     `src_hw`: (H, W), or (N,2) per sample; None: the source is already S x S. This is
     DALI's `warp_perspective(..., inverse_map=True, pixel_origin="corner")` matrix."""
     dev = p.angle.device
@@ -213,7 +286,7 @@ def warp_matrix(p: Params, S: int, src_hw=None) -> torch.Tensor:
     h, w = hw.reshape(-1, 2).expand(len(p), 2).unbind(-1)
     to_src = _mat([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]])
     from_out = const(((2 / S, 0, -1), (0, 2 / S, -1), (0, 0, 1)), torch.float64, dev)
-    return to_src @ stage_matrices(p, S)["crop"] @ from_out
+    return to_src @ stage_matrices(p, S)["crop" if box else "canvas"] @ from_out
 
 
 # ---------------------------------------------------------------------------- colour

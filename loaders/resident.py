@@ -3,7 +3,8 @@
 The split is decoded once (`datasets.decoded`, cached as .npy) and held as ONE uint8
 (N,H,W,3) tensor on the target device at its native size when every image shares one size
 no larger than the training size (CIFAR-10: 150 MB at 32x32 instead of 2.4 GB at 128x128;
-the upscale happens inside the augmentation warp), otherwise decoded at the training size.
+the upscale happens inside the augmentation warp), otherwise decoded at the training size
+(`common.storage_view`: stretched, the "rrc" boxes cut from it; or the "center" eval view).
 Each batch is an `index_select` of this epoch's indices followed by `loaders.augment` on the
 whole batch: no worker processes, no per-sample Python, nothing copied from the host per
 batch. Order: `base.epoch_indices`, copied to the device once per epoch. Augmentation
@@ -15,13 +16,15 @@ Measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from loaders.augment import augment
 from loaders.base import EpochLoader, LoaderOptions, batch_seed
 from loaders.datasets import decoded
-from loaders.common import ConfigError, device_free_bytes, storage_size
+from loaders.common import ConfigError, device_free_bytes, storage_size, storage_view
 from loaders.spec import AugmentSpec
 
 # Per image of a batch while augmenting: float32 source/colour temporaries, warp output,
@@ -59,9 +62,14 @@ class ResidentLoader(EpochLoader):
                 f"{_fmt(need)} ({len(split)} images {h}x{w}x3 uint8 + labels + one batch of "
                 f"augmentation workspace) but only {_fmt(have)} are available; use "
                 "--loader torchvision (or dali/ffcv), a smaller dataset or a smaller --batch-size")
-        h, w = storage_size(split, spec.size)
-        arr = decoded(split) if set(split.sizes) == {(h, w)} else decoded(split, spec.size)
+        _, view = storage_view(split, spec, opts.train)
+        arr = decoded(split) if view == "native" else decoded(split, spec.size, view, spec)
+        if view == "center":                  # stored as the eval view: nothing left to crop
+            self.spec = replace(spec, eval_resize="stretch")
         self.images = torch.from_numpy(np.array(arr)).to(dev)        # (N,H,W,3) uint8
+        # "rrc" boxes are drawn on the original sizes, whatever size the pixels are kept at.
+        self.src_hw = torch.from_numpy(np.asarray(split.sizes, dtype=np.float64)).to(dev) \
+            if opts.train and spec.resize == "rrc" else None
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=dev)
         self.generator = torch.Generator(device=dev)
 
@@ -76,5 +84,6 @@ class ResidentLoader(EpochLoader):
             idx = order[b * B:(b + 1) * B]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
+            hw = None if self.src_hw is None else self.src_hw.index_select(0, idx)
             yield (augment(x, self.spec, self.generator, o.dtype, train=o.train,
-                           emulate_clipping=self.emulate_clipping), y)
+                           emulate_clipping=self.emulate_clipping, src_hw=hw), y)

@@ -3,7 +3,8 @@
 Report, "Data Augmentation": horizontal flip; pad 4 then random crop to 128; rotation up to
 30 degrees; colour jitter; grayscale p=0.2; affine translation up to 25%; perspective
 distortion 0.3 with p=0.5; normalisation with mean (125,124,115)/255, std (60,59,64)/255.
-Images are resized to the training size before any augmentation.
+Images are resized to the training size before any augmentation (photos: `resize` "rrc",
+`eval_resize` "center" by flag; docs/datasets.md, "Photos of any size").
 
 Decisions the report leaves open (stated here, honoured by every loader):
 - colour jitter: brightness 0.2, contrast 0.2, saturation 0.2, hue 0.05 (torchvision
@@ -23,6 +24,8 @@ from dataclasses import dataclass, fields, replace
 # Switch names, in the report's order. Each is a bool field on the spec.
 AUGMENTATIONS = ("flip", "crop", "rotate", "jitter", "grayscale", "translate", "perspective")
 COLOUR_MODES = ("fast", "exact")
+RESIZES = ("stretch", "rrc")          # training
+EVAL_RESIZES = ("stretch", "center")  # evaluation
 
 LUMA = (0.2989, 0.587, 0.114)   # grey = LUMA . RGB: torchvision's rgb_to_grayscale weights
 MEAN = (125 / 255, 124 / 255, 115 / 255)
@@ -56,6 +59,12 @@ class AugmentSpec:
     # 3x3 matrix + offset (no clamps between ops, YIQ hue rotation); "exact" = torchvision's
     # ops one by one. DALI always uses its own (fast-like); the reference is always exact.
     colour_mode: str = "fast"
+    # Resize policy (module docstring): training, then evaluation.
+    resize: str = "stretch"
+    rrc_scale: tuple[float, float] = (0.08, 1.0)    # crop area fraction range
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect (w/h) range
+    eval_resize: str = "stretch"
+    eval_crop_frac: float = 0.875                    # centre crop / short side (ImageNet's)
 
     def __post_init__(self):
         problems = []
@@ -73,6 +82,17 @@ class AugmentSpec:
                 problems.append(f"{name}={getattr(self, name)} (need >= 0)")
         if self.colour_mode not in COLOUR_MODES:
             problems.append(f"colour_mode={self.colour_mode!r} (need one of {', '.join(COLOUR_MODES)})")
+        if self.resize not in RESIZES:
+            problems.append(f"resize={self.resize!r} (need one of {', '.join(RESIZES)})")
+        if self.eval_resize not in EVAL_RESIZES:
+            problems.append(f"eval_resize={self.eval_resize!r} (need one of {', '.join(EVAL_RESIZES)})")
+        lo_hi = lambda v: len(v) == 2 and 0 < v[0] <= v[1]   # noqa: E731
+        if not (lo_hi(self.rrc_scale) and self.rrc_scale[1] <= 1):
+            problems.append(f"rrc_scale={self.rrc_scale} (need two values 0 < min <= max <= 1)")
+        if not lo_hi(self.rrc_ratio):
+            problems.append(f"rrc_ratio={self.rrc_ratio} (need two values 0 < min <= max)")
+        if not 0 < self.eval_crop_frac <= 1:
+            problems.append(f"eval_crop_frac={self.eval_crop_frac} (need 0 < f <= 1)")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append("mean/std need 3 values each, std > 0")
         if problems:
@@ -80,14 +100,21 @@ class AugmentSpec:
 
     @property
     def any_enabled(self) -> bool:
-        return any(getattr(self, a) for a in AUGMENTATIONS)
+        """Training draws random parameters: an augmentation is on, or the resize is "rrc"."""
+        return self.resize == "rrc" or any(getattr(self, a) for a in AUGMENTATIONS)
+
+    @property
+    def eval_size(self) -> int:
+        """The short side evaluation resizes to before its centre crop ("center")."""
+        return int(round(self.size / self.eval_crop_frac))
 
     @property
     def enabled(self) -> tuple[str, ...]:
         return tuple(a for a in AUGMENTATIONS if getattr(self, a))
 
     def without(self, *names: str) -> "AugmentSpec":
-        """A copy with the named augmentations switched off (all of them when none is named)."""
+        """A copy with the named augmentations switched off (all of them when none is named);
+        the resize policy is kept."""
         names = names or AUGMENTATIONS
         unknown = [n for n in names if n not in AUGMENTATIONS]
         if unknown:

@@ -1,10 +1,11 @@
 """Reference loader: torch DataLoader + torchvision.transforms.v2, the baseline everyone knows.
 
 Every other loader is tested and measured against this one. Per sample, in worker
-processes: decode (PIL), resize to the training size, then the spec's augmentations in the
-report's order, each as its own v2 transform (one resampling per geometric op, as the
-report's code did), ToDtype + Normalize. Batches are pinned and copied to the device with
-non_blocking=True, then laid out channels_last in the engine's dtype. Determinism: a
+processes: decode (PIL), resize to the training size (or the spec's resize policy), then
+the spec's augmentations in the report's order, each as its own v2 transform (one
+resampling per geometric op, as the report's code did), ToDtype + Normalize. Batches are
+pinned and copied to the device with non_blocking=True, then laid out channels_last in the
+engine's dtype. Determinism: a
 sample's augmentation is a pure function of (seed, epoch, sample index): the worker reseeds
 the CPU generator the v2 transforms draw from, per sample, inside `torch.random.fork_rng`
 (with workers=0 the training process's RNG stream is untouched), so worker count and start
@@ -30,9 +31,17 @@ BILINEAR = InterpolationMode.BILINEAR
 def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
     """The spec as a torchvision v2 pipeline on a uint8 CHW tensor -> normalised float32.
 
-    Validation (train=False) gets resize + normalise only."""
+    The resize policy first: Resize to (size, size), or RandomResizedCrop in its place
+    (training, spec.resize "rrc"), or Resize(short side) + CenterCrop (evaluation,
+    spec.eval_resize "center"). Validation (train=False) gets that + normalise only."""
     s = spec.size
-    ops: list = [v2.Resize((s, s), interpolation=BILINEAR, antialias=True)]
+    if train and spec.resize == "rrc":
+        ops: list = [v2.RandomResizedCrop(s, scale=spec.rrc_scale, ratio=spec.rrc_ratio,
+                                          interpolation=BILINEAR, antialias=True)]
+    elif not train and spec.eval_resize == "center":
+        ops = [v2.Resize(spec.eval_size, interpolation=BILINEAR, antialias=True), v2.CenterCrop(s)]
+    else:
+        ops = [v2.Resize((s, s), interpolation=BILINEAR, antialias=True)]
     if train:
         if spec.flip:
             ops.append(v2.RandomHorizontalFlip(spec.flip_p))
