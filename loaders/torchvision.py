@@ -28,12 +28,11 @@ from loaders.spec import AugmentSpec
 BILINEAR = InterpolationMode.BILINEAR
 
 
-def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
-    """The spec as a torchvision v2 pipeline on a uint8 CHW tensor -> normalised float32.
-
-    The resize policy first: Resize to (size, size), or RandomResizedCrop in its place
-    (training, spec.resize "rrc"), or Resize(short side) + CenterCrop (evaluation,
-    spec.eval_resize "center"). Validation (train=False) gets that + normalise only."""
+def _spec_ops(spec: AugmentSpec, train: bool) -> list:
+    """The spec's resize and augmentations as v2 transforms, in the report's order, one
+    resampling per geometric op, after the resize policy (Resize, RandomResizedCrop for
+    "rrc" training, Resize(short side) + CenterCrop for "center" evaluation). v2 transforms
+    take a PIL image or a uint8 tensor alike."""
     s = spec.size
     if train and spec.resize == "rrc":
         ops: list = [v2.RandomResizedCrop(s, scale=spec.rrc_scale, ratio=spec.rrc_ratio,
@@ -59,14 +58,42 @@ def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
         if spec.perspective:
             ops.append(v2.RandomPerspective(spec.perspective_distortion, p=spec.perspective_p,
                                             interpolation=BILINEAR, fill=0))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
-    return v2.Compose(ops)
+    return ops
+
+
+def _normalise(spec: AugmentSpec) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+
+
+def reference_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
+    """THE REFERENCE for the semantic tests: the spec as a torchvision v2 pipeline on a uint8
+    CHW tensor (`common.read_rgb`) -> normalised float32. Not what the loader runs by default
+    (see `pil_transform`). Validation (train=False) gets resize + normalise only."""
+    return v2.Compose(_spec_ops(spec, train) + _normalise(spec))
+
+
+def pil_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
+    """WHAT THE LOADER RUNS (pipeline="pil", the default): the same v2 transforms in the same
+    order on the decoded PIL image (PIL's C resampling and colour ops, as the report's code
+    and most users write it), then PILToTensor + ToDtype + Normalize. On 128x128 JPEG sources
+    it is several times faster than the tensor pipeline (docs/benchmarks.md); its pixels
+    differ from `reference_transform` by PIL's integer resampling (tests/test_loader_contract.py
+    states the measured tolerance)."""
+    return v2.Compose(_spec_ops(spec, train) + [v2.PILToTensor()] + _normalise(spec))
+
+
+def _read_pil(path: str):
+    """The decoded RGB PIL image of a file (what torchvision's ImageFolder hands its transform)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, split, transform, seed: int = 0):
+    def __init__(self, split, transform, seed: int = 0, read=read_rgb):
         self.paths, self.labels, self.transform, self.seed = split.paths, split.labels, transform, seed
+        self.read = read
 
     def __len__(self):
         return len(self.paths)
@@ -78,12 +105,12 @@ class _Files(torch.utils.data.Dataset):
             img, j = self._read(i)
             return self.transform(img), self.labels[j]
 
-    def _read(self, i: int) -> tuple[torch.Tensor, int]:
+    def _read(self, i: int):
         """(image, the index it came from): sample i, or the next readable one."""
         for k in range(min(len(self.paths), 16)):
             j = (i + k) % len(self.paths)
             try:
-                img = read_rgb(self.paths[j])
+                img = self.read(self.paths[j])
             except Exception as e:  # noqa: BLE001 - any decode failure: use the next sample
                 warnings.warn(f"torchvision loader: cannot read {self.paths[j]} ({type(e).__name__}: {e}); "
                               "using the next sample instead", RuntimeWarning, stacklevel=2)
@@ -111,12 +138,21 @@ def _worker_init(worker_id: int) -> None:
 
 class TorchvisionLoader(EpochLoader):
     """The `base.Loader` contract over a torch DataLoader; each sample's augmentation is
-    seeded by `derive_seed(seed, "sample", epoch, index)` in the worker that decodes it."""
+    seeded by `derive_seed(seed, "sample", epoch, index)` in the worker that decodes it.
 
-    def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions):
+    `pipeline`: "pil" (default, the baseline every benchmark ratio divides by: PIL images
+    through `pil_transform`) or "tensor" (uint8 tensors through `reference_transform`, the
+    semantic reference; kept to measure against, `benchmarks/throughput.py` row
+    torchvision-tensor)."""
+
+    PIPELINES = {"pil": (pil_transform, _read_pil), "tensor": (reference_transform, read_rgb)}
+
+    def __init__(self, split, spec: AugmentSpec, opts: LoaderOptions, pipeline: str = "pil"):
         self._init_epochs(len(split), opts)
         self.sampler = _Keys()
-        self.dataset = _Files(split, reference_transform(spec, opts.train), opts.seed)
+        transform, read = self.PIPELINES[pipeline]
+        self.pipeline = pipeline
+        self.dataset = _Files(split, transform(spec, opts.train), opts.seed, read)
         # The DataLoader's own base seed (augmentations do not depend on it: _Files reseeds
         # per sample).
         self._generator = torch.Generator()
