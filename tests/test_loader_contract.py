@@ -8,9 +8,10 @@ reference transform.
 Augment-off tolerances against the reference transform (torchvision v2: decode, bilinear
 antialiased resize in uint8, normalise), in levels (1 = 1/255 before normalisation), as
 measured and argued in each loader's own tests:
-- torchvision: 0.01 (PIL images through the reference's v2 ops: PIL's bilinear resize and
-  torch's uint8 antialiased one give identical pixels, measured 0 levels at 24-128 px on
-  synthetic and CIFAR-10 JPEGs, 2026-12-02; float32 rounding only);
+- torchvision: max 1, mean 0.05 (PIL images through the reference's v2 ops: PIL's bilinear
+  resize and torch's uint8 antialiased one give identical pixels when upscaling, measured 0
+  levels at 24-128 px on synthetic and CIFAR-10 JPEGs, 2026-12-02; downscaling non-square
+  photos (tests/test_photos.py) they round apart by at most one level, mean 0.003);
 - resident: max 0.01 (the same uint8 antialiased resize, then normalise in float32);
 - ffcv: max 1, mean 0.5 (raw .beton: exact pixels; augment.py resizes in float32);
 - dali: max 1.5 (same libjpeg-turbo pixels; DALI warps the normalised float image).
@@ -33,7 +34,7 @@ from loaders.spec import AugmentSpec
 from loaders.torchvision import reference_transform
 
 NAMES = ("torchvision", "resident", "dali", "ffcv")
-TOLERANCE = {"torchvision": (0.01, 0.01), "resident": (0.01, 0.01), "ffcv": (1.001, 0.5),
+TOLERANCE = {"torchvision": (1.001, 0.05), "resident": (0.01, 0.01), "ffcv": (1.001, 0.5),
              "dali": (1.5, 1.5)}                                     # (max, mean) levels
 SPEC = AugmentSpec(size=48)
 N = 157                       # odd: two ranks drop one sample of every training epoch
