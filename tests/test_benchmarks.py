@@ -100,7 +100,7 @@ def test_loader_rows_cpu_time_feed_and_load(tmp_path):
     assert sorted((r["augment"], r["load"]) for r in rows) == [(False, 0), (False, 1), (True, 0), (True, 1)]
     for r in rows:
         assert not r.get("error") and r["kind"] == "loader" and r["data"] == "synthetic"
-        assert r["source_size"] == "32x32" and r["ratio_vs_torchvision"] == 1.0
+        assert r["source_size"] == "32x32" and r["ratio_vs_torchvision"] == r["cpu_ratio_vs_torchvision"] == 1.0
         assert "torchvision (PIL + v2" in r["baseline"] and f"load {r['load']}" in r["baseline"]
         off = next(o for o in rows if not o["augment"] and o["load"] == r["load"])
         assert r["cpu_s_per_image"] > 0
