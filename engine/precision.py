@@ -7,8 +7,8 @@
 - `resolve_compile`: torch.compile on by default on CUDA, off on CPU (a cold compile costs
   minutes there against a ~1.4x step; see docs/engine.md).
 - `configure_threads`: intra-op threads = the cores this process may use, divided among local
-  ranks; OpenMP waits passively (engine/__init__.py), so a busy neighbour or our own loader's
-  workers do not make the step's threads spin.
+  ranks, minus the loader's worker processes; OpenMP waits passively (engine/__init__.py), so
+  a busy neighbour or our own loader's workers do not make the step's threads spin.
 """
 from __future__ import annotations
 
@@ -101,15 +101,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(device: torch.device, local_world: int = 1) -> int:
+def configure_threads(device: torch.device, local_world: int = 1, loader_workers: int = 0) -> int:
     """Set torch's intra-op threads for the step and return the count: the cores this process
-    may use (its affinity, not the machine's count) shared by the local ranks; on CUDA, where
-    the host only launches kernels, at most 4. An explicit OMP_NUM_THREADS wins."""
+    may use (its affinity) shared by the local ranks, minus one per loader worker process, at
+    least 1; on CUDA, where the host only launches kernels, at most 4. Measured on 2 cores
+    (docs/benchmarks.md): 1 thread beat 2 passive threads quiet and 2-4x under one busy
+    neighbour. An explicit OMP_NUM_THREADS wins."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    n = max(usable_cores() // max(local_world, 1), 1)
+    n = max(usable_cores() // max(local_world, 1) - loader_workers, 1)
     if device.type == "cuda":
-        n = min(n, 4)
+        n = min(max(usable_cores() // max(local_world, 1), 1), 4)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n

@@ -87,7 +87,7 @@ class Trainer:
             check_writable(Path(cfg.out))
         self.rank, self.world = distributed.init_distributed(self.device)
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        self.threads = configure_threads(self.device, self.local_world)
+        self.threads = configure_threads(self.device, self.local_world, cfg.workers)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
