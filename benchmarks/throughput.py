@@ -426,6 +426,18 @@ def loader_rows(args, names: list[str], data: str, loads: list[int], info: dict)
     return rows
 
 
+def select_combos(combos: list[tuple], patterns: str) -> list[tuple]:
+    """The combos whose (compile, kernels, amp) match any comma-separated `C/K/A` pattern (`*`
+    matches anything); all of them for an empty `patterns`."""
+    if not patterns:
+        return combos
+    pats = [p.split("/") for p in patterns.split(",") if p]
+    if any(len(p) != 3 for p in pats):
+        raise SystemExit(f"error: --combos takes compile/kernels/amp patterns, e.g. 0/*/* or 1/triton/bf16 "
+                         f"(got {patterns!r})")
+    return [c for c in combos if any(all(q in ("*", str(v)) for q, v in zip(p, c[:3])) for p in pats)]
+
+
 def train_rows(args, loaders: list[str], loads: list[int], info: dict) -> list[dict]:
     import torch
     from engine.precision import cpu_reports_bf16
@@ -438,6 +450,7 @@ def train_rows(args, loaders: list[str], loads: list[int], info: dict) -> list[d
     compiles = {"both": (0, 1), "off": (0,), "on": (1,)}[args.train_compile]
     combos = [(c, k, a, t, n) for c in compiles for k in (("torch", "triton") if cuda else ("torch",)) for a in amps
               for t in (threads if not c else threads[:1]) for n in loads]
+    combos = select_combos(combos, args.combos) if "train" in args.rows else []
     # Round-robin over the combos `--repeats` times (a fresh process each): drift of the
     # machine hits every combo alike; each row is the median run, with all runs listed.
     runs: dict = {combo: [] for combo in combos}
@@ -455,7 +468,7 @@ def train_rows(args, loaders: list[str], loads: list[int], info: dict) -> list[d
             continue
         rows.append({**ok[(len(ok) - 1) // 2], **info, "images_per_s_runs": [round(r["images_per_s"], 1) for r in ok],
                      "compile_s_runs": [r["compile_s"] for r in done if r.get("images_per_s")]})
-    for name in loaders:
+    for name in loaders if "end_to_end" in args.rows else ():
         for t in threads:
             for n in loads:
                 rows.append({**run_child(args, data, name, True, "end_to_end", threads=t, load=n), **info})
@@ -514,8 +527,15 @@ def main(argv=None) -> list[dict]:
                    "engine (configure_threads, passive OpenMP wait), torch (torch's defaults), cores-workers, or N")
     p.add_argument("--engine-args", default="", help="engine.train flags applied on top of --preset for the "
                    "--train rows, e.g. \"--width 0.5 --size 64\"")
+    p.add_argument("--rows", default="", help="row kinds to measure, comma-separated: loader, train, end_to_end "
+                   "(default: loader, plus train and end_to_end with --train)")
+    p.add_argument("--combos", default="", help="train rows to measure: comma-separated compile/kernels/amp, "
+                   "* for any, e.g. \"0/*/*\" (eager) or \"1/triton/bf16\" (default: all)")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.rows = set(args.rows.split(",")) - {""} or {"loader"} | ({"train", "end_to_end"} if args.train else set())
+    if args.rows - {"loader", "train", "end_to_end"}:
+        p.error(f"--rows takes loader, train, end_to_end (got {','.join(sorted(args.rows))})")
     if args._child:
         # as libgomp reads it when torch loads (importing engine later sets a default)
         args.wait_policy = os.environ.get("OMP_WAIT_POLICY", "default")
@@ -551,12 +571,12 @@ def main(argv=None) -> list[dict]:
           f"load average {os.getloadavg()[0]:.1f} | batch {args.batch_size} x {args.batches}, median of "
           f"{args.passes} | --load {args.load}", flush=True)
     rows = []
-    for d in sources:
+    for d in sources if "loader" in args.rows else ():
         rows += loader_rows(args, names, d, loads, info)
     feed_columns(rows, args.feed, torch.cuda.is_available() and args.device in ("auto", "cuda"))
-    for d in sources:
+    for d in sources if rows else ():
         print_tables(rows, args, d)
-    if args.train:
+    if args.rows & {"train", "end_to_end"}:
         rows += train_rows(args, [n for n in names if n != "torchvision-tensor"], loads, info)
     if args.json:
         from loaders.common import atomic_write
