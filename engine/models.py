@@ -1,67 +1,14 @@
 """The report's classifiers (Table 1) with its two pass-through styles.
 
-Architectures (``ARCHS``), each a column of Table 1:
-
-* ``vgg`` -- "Basic configs" with no residual connections at all.
-* ``deep`` -- ResConnect between the two 64-channel groups:
-  ``x -> y = res1(x) + x -> res2(y) + y``; ResBlock12 uses ks=3.
-* ``dropout`` -- Concat: ``cat[res1(x), res2(x)]`` -> 128 channels.
-* ``nodropout_concat`` -- Concat, dropout 0.0 after the convs and none inside the blocks,
-  and the five projection taps Linear1..Linear5 concatenated to 256 features for the head.
-
-Pass-through styles (``PASSTHROUGHS``), how a group of ResBlocks is chained:
-
-* ``residual`` -- the report's ResBlock ``PassThrough``: ``x = mish(x + block_i(x))``.
-* ``dense`` -- the ResBlock-Modified ``PassThrough``: ``sequence = [x]``; before block ``i``,
-  ``for j in range(i): x = mish(x + sequence[j])``; then ``x = mish(x + block_i(x))``;
-  ``sequence.append(x)``.
-
-``seed_best`` is ``nodropout_concat`` with the ``dense`` pass-through.
-
-Seams for the fused kernels: every mish sum goes through ``kernels.residual_mish`` /
-``kernels.dense_residual_mish`` and every BatchNorm2d+SiLU pair is one ``BNSiLU`` module
-(an ``nn.BatchNorm2d`` subclass whose forward calls ``kernels.bn_silu``). The kernels are
-looked up on the ``kernels`` module at call time, so a backend that rebinds those names
-(Triton) takes effect without rebuilding the model. Nothing in a forward branches on
-tensor values, so the models trace with ``torch.compile(fullgraph=True)`` and run with
-channels_last inputs and weights.
-
-Decisions where the report is ambiguous:
-
-* Empty cells of Table 1 repeat the "Basic configs" value; "X" means the layer is absent.
-  So ResBlock12 has ks=5 in ``vgg``, ``dropout`` and ``nodropout_concat`` and ks=3 only in
-  ``deep``; the conv dropouts are 0.15/0.25 everywhere except ``nodropout_concat`` (0.0,
-  i.e. no module).
-* ResBlock3 and ResBlock4 have 3 blocks each (the table gives no count). With that,
-  ``nodropout_concat`` has 4,219,722 parameters and 8.55 GFLOP forward (25.3
-  forward+backward) per 128px image, matching the measured 4.22M / 25.3 GFLOP.
-* Every stem conv (Conv1..Conv4) is followed by BatchNorm + SiLU (the report: "a Batch
-  Normalization is added after each layer", activation SiLU), then MaxPool(2) and
-  Dropout2d at the table's rate.
-* Conv2's input is what the connection produces: 128 channels for Concat, 64 for ``vgg``
-  (sequential groups) and ``deep`` (ResConnect keeps 64 channels).
-* ``vgg``'s blocks are plain conv stacks: each ResBlock body (Conv-BN-SiLU-Dropout2d-Conv)
-  is followed by mish with no skip, ``x = mish(block_i(x))``, and ResBlock11 then
-  ResBlock12 run one after the other. Its pass-through is therefore ``"plain"``; it has no
-  ``residual``/``dense`` variants (both are skip connections) and is listed as ``vgg``.
-* The fragment after the first listing (``if i % 2: x = nn.Dropout2d(0.1)(x)``) belongs to
-  the ResBlock ``PassThrough``: the residual (and plain) pass-through applies Dropout2d(0.1)
-  after every odd-indexed block in the dropout architectures (``vgg``, ``deep``,
-  ``dropout``), as a module so that it is off in eval mode (the report's inline module was
-  always in training mode). The dense pass-through has none, as in its listing, and
-  ``nodropout_concat`` has no dropout anywhere in the conv trunk.
-* Block dropout is Dropout2d after SiLU, 0.15 if the block's nominal channels < 128 else
-  0.25 (nominal = before the width multiplier).
-* Linear taps reduce space by global average pooling, then Linear: Linear1 on the Conv3
-  stage output (128 -> 32), Linear2 after ResBlock3 (128 -> 32), Linear3 on the Conv4
-  stage output (64 -> 64), Linear4 after ResBlock4 (64 -> 64), Linear5 after the AvgPool
-  (64 -> 64). The AvgPool is adaptive to 1x1 (at 128px it is exactly the table's AvgPool(4)
-  on the 4x4 map), so the model runs at 32, 64 and 128; Linear4 and Linear5 then see the
-  same pooled vector through two independent projections, as the table lists them.
-* Head: Linear(64 or 256 -> 256)-BN-GELU-Dropout(0.3)-Linear(256 -> 256)-BN-GELU-
-  Dropout(0.2)-Linear(256 -> num_classes), in every architecture.
-* ``width`` scales every conv/linear channel count (taps and head included) and rounds to
-  a multiple of 8, at least 8. ``dropout`` scales every dropout rate (1.0 = the report's).
+Architectures (`ARCHS`, a column of Table 1 each): `vgg` (no residual connections),
+`deep`, `dropout`, `nodropout_concat`; pass-throughs `residual` (x + block(x), then mish) and
+`dense` (the sum of every earlier result before each block); `seed_best` =
+nodropout_concat + dense, the report's best. `width` multiplies every channel count (CPU
+presets shrink it); dropout follows Table 1 (none after BatchNorm in the NoDropout models).
+Conv -> BatchNorm -> SiLU runs as the fused `kernels.BatchNormSiLU2d`, the mish residual
+sums as `kernels.residual_mish` / `dense_residual_mish` (Triton on CUDA, the torch reference
+elsewhere). `python -m engine.models` prints every variant's parameters and FLOPs.
+Decisions the report leaves open and their reasons: docs/models.md.
 """
 from __future__ import annotations
 

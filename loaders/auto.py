@@ -1,7 +1,7 @@
 """`--loader auto`: pick the loader for this machine and dataset, and say why.
 
 1. The resident loader when the decoded split fits the device with room for training:
-   its bytes (`resident.needed_bytes`) at most `RESIDENT_SHARE` of what is free there.
+   its bytes (`common.needed_bytes`) at most `RESIDENT_SHARE` of what is free there.
 2. Otherwise the fastest available loader by a short measured probe (`PROBE_BATCHES`
    batches each after one warm-up batch, same spec and batch size), the figures cached in
    `<dataset cache>/loader-probe.json` keyed on machine, dataset fingerprint, split, spec and
@@ -20,8 +20,7 @@ import time
 import torch
 
 from loaders import base
-from loaders.common import ConfigError, atomic_write, device_free_bytes
-from loaders.resident import needed_bytes
+from loaders.common import ConfigError, atomic_write, device_free_bytes, needed_bytes
 
 RESIDENT_SHARE = 0.5       # leave the other half of the device to the model and activations
 PROBE_BATCHES = 4

@@ -246,3 +246,16 @@ def view_of(image: torch.Tensor, view: str, spec) -> torch.Tensor:
     if view == "stretch" and tuple(image.shape[1:]) != (S, S):
         return TF.resize(image, [S, S], interpolation=bil, antialias=True)
     return image
+
+
+# Per image of a batch while augmenting: float32 source/colour temporaries, warp output,
+# the returned batch (counted in float32), grid and masks. Generous on purpose.
+_WORKSPACE_PER_PIXEL = 48
+
+
+def needed_bytes(split, spec, opts) -> int:
+    """Device bytes to hold a split decoded (at `storage_size`) plus one augmented batch:
+    the resident loader's need, and what `--loader auto` compares with free memory."""
+    h, w = storage_size(split, spec.size)
+    data = len(split) * h * w * 3 + len(split) * 8
+    return data + opts.batch_size * spec.size * spec.size * _WORKSPACE_PER_PIXEL

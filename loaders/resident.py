@@ -24,21 +24,8 @@ import torch
 from loaders.augment import augment
 from loaders.base import EpochLoader, LoaderOptions, batch_seed
 from loaders.datasets import decoded
-from loaders.common import ConfigError, device_free_bytes, storage_size, storage_view
+from loaders.common import ConfigError, device_free_bytes, storage_size, storage_view, needed_bytes
 from loaders.spec import AugmentSpec
-
-# Per image of a batch while augmenting: float32 source/colour temporaries, warp output,
-# the returned batch (counted in float32), grid and masks. Generous on purpose.
-_WORKSPACE_PER_PIXEL = 48
-
-
-
-
-def needed_bytes(split, spec: AugmentSpec, opts: LoaderOptions) -> int:
-    h, w = storage_size(split, spec.size)
-    data = len(split) * h * w * 3 + len(split) * 8
-    return data + opts.batch_size * spec.size * spec.size * _WORKSPACE_PER_PIXEL
-
 
 def _fmt(n: int) -> str:
     return f"{n:,} bytes ({n / 2**30:.2f} GiB)"

@@ -581,10 +581,10 @@ def build_shard_loader(name: str, split: ShardSplit, spec, opts: LoaderOptions):
                   flush=True)
     loader_class(name)                                    # unknown or not installed: ConfigError
     if name == "torchvision":
-        from loaders.torchvision_wds import WdsTorchvisionLoader
+        from loaders.torchvision import WdsTorchvisionLoader
         return WdsTorchvisionLoader(split, spec, opts)
     if name == "dali":
-        from loaders.dali_wds import WdsDaliLoader
+        from loaders.dali import WdsDaliLoader
         return WdsDaliLoader(split, spec, opts)
     files, ids = unpack(split)
     return Unpacked(loader_class(name)(files, spec, opts), ids)
