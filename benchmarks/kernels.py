@@ -7,8 +7,9 @@ batch 256 at 128x128, channels_last), as ratios measured in the same run.
     TRITON_INTERPRET=0 python -m benchmarks.kernels --compile-only [--family bn_silu|mish]
                                         # every kernel (of one family) for sm_90, no GPU needed
 
-On a machine without CUDA it says that speed needs a GPU, runs a correctness pass of the
-Triton kernels under TRITON_INTERPRET=1 on tiny shapes plus the sm_90 compile check, and
+On a machine without CUDA it says that the Triton kernels' speed needs a GPU, runs a
+correctness pass of them under TRITON_INTERPRET=1 on tiny shapes plus the sm_90 compile
+check, times the CPU's own mish path against the reference at the cpu-demo shapes, and
 exits 0.
 """
 from __future__ import annotations
@@ -203,7 +204,40 @@ def bench(args) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------
-# CPU: interpreter correctness pass
+# CPU: the eager mish path's speed, the interpreter correctness pass
+
+# (C, H, W, K) of the mish pass-throughs of the cpu-demo preset (width 0.25 at 32x32):
+# ResBlock11/12 at 16^2, ResBlock2 at 4^2, ResBlock3 at 2^2, ResBlock4 at 1^2.
+CPU_MISH_SHAPES = [(16, 16, 16, 1), (16, 16, 16, 2), (32, 4, 4, 1), (32, 4, 4, 4), (32, 2, 2, 2), (16, 1, 1, 2)]
+
+
+def cpu_mish_speed(batch: int = 64, repeats: int = 5, iters: int = 20) -> list[dict]:
+    """Forward+backward ms of the "auto" CPU path (`kernels.mish.mish_sum`, one exp) against
+    the reference (aten mish) at the cpu-demo preset's shapes, fp32, channels_last; median of
+    `repeats` timings of `iters` calls, both measured in the same run."""
+    rows = []
+    print(f"cpu mish, batch {batch}, fp32, channels_last, {torch.get_num_threads()} threads; fwd+bwd ms (median "
+          f"of {repeats}); ratio = reference / eager")
+    for c, h, w, k in CPU_MISH_SHAPES:
+        ts = [torch.randn(batch, c, h, w).to(memory_format=torch.channels_last).requires_grad_() for _ in range(k + 1)]
+        dy = torch.randn_like(ts[0])
+        row = {"case": f"{'residual_mish' if k == 1 else f'dense_mish K={k}'} {c}x{h}x{w}"}
+        for label, backend in (("eager", "auto"), ("reference", "torch")):
+            run = _fwd_bwd(lambda x, *prev, b=backend: kernels.dense_residual_mish(x, list(prev), backend=b),
+                           ts, ts, dy)
+            run()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    run()
+                times.append((time.perf_counter() - t0) / iters * 1e3)
+            row[f"{label}_ms"] = round(sorted(times)[repeats // 2], 4)
+        row["ratio"] = round(row["reference_ms"] / row["eager_ms"], 2)
+        rows.append(row)
+        print(f"{row['case']:32s} {row['eager_ms']:8.3f} {row['reference_ms']:8.3f} {row['ratio']:6.2f}x")
+    return rows
+
 
 
 def interpreter_pass() -> int:
@@ -259,6 +293,10 @@ def main(argv=None) -> int:
                               capture_output=True, text=True)
         print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
         print("interpreter pass:", "ok" if not failed else f"{failed} kernel(s) off")
+        rows = cpu_mish_speed()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return 0
     results = bench(args)
     if args.json:

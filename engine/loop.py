@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.distributed import sync_buffers
+from engine.precision import ThreadTuner
 from engine.signals import StopFlag, Stopped
 from engine.step import Engine, eval_logits, model_input, train_step
 
@@ -89,6 +90,7 @@ class EpochSetup:
     stop: StopFlag = field(default_factory=StopFlag)
     hooks: Hooks = field(default_factory=Hooks)
     show_bar: bool = True
+    threads: ThreadTuner | None = None     # CPU: settles the intra-op thread count in the first steps
 
 
 def train_epoch(eng: Engine, loader, s: EpochSetup, bad: BadSteps, global_step: int) -> tuple[dict, int]:
@@ -135,6 +137,8 @@ def train_epoch(eng: Engine, loader, s: EpochSetup, bad: BadSteps, global_step: 
             v = acc.tolist()
             bar.set_postfix(loss=f"{v[0] / max(v[2], 1):.3f}", acc=f"{v[1] / max(v[2], 1):.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if s.threads is not None and (report := s.threads.step_done()) and s.show_bar:
+            tqdm.write(report)
         if s.hooks.after_step:
             s.hooks.after_step(global_step)
         stop = bool(s.stop)

@@ -9,11 +9,13 @@
 - `configure_threads`: intra-op threads = the cores this process may use, divided among local
   ranks, minus the loader's worker processes; OpenMP waits passively (engine/__init__.py), so
   a busy neighbour or our own loader's workers do not make the step's threads spin.
+  `ThreadTuner` then settles the count on CPU by timing the run's first steps.
 """
 from __future__ import annotations
 
 import functools
 import os
+import statistics
 import time
 
 import torch
@@ -115,3 +117,54 @@ def configure_threads(device: torch.device, local_world: int = 1, loader_workers
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+def thread_candidates(device: torch.device, local_world: int, loader_workers: int, deterministic: bool) -> list[int]:
+    """The intra-op thread counts a CPU run tries (`ThreadTuner`): the rule's count and all of
+    this rank's cores. One (no tuning) on CUDA, with OMP_NUM_THREADS set, or --deterministic
+    (float sums may round differently with another thread count)."""
+    if device.type == "cuda" or os.environ.get("OMP_NUM_THREADS") or deterministic:
+        return [torch.get_num_threads()]
+    share = max(usable_cores() // max(local_world, 1), 1)
+    return sorted({max(share - loader_workers, 1), share})
+
+
+class ThreadTuner:
+    """Which intra-op thread count makes a CPU run fastest depends on how much of the cores the
+    loader takes (a 32px DALI pipeline almost none, PIL decoding at 128px a core per worker)
+    and on whatever else runs on the machine, so it is measured in place: the run's first
+    steps take the candidates in turns (blocks of `block` timed steps after one untimed step
+    that absorbs the switch, `rounds` blocks each, interleaved), timing each step from the
+    end of the previous one (data wait included; CPU steps are synchronous), and the lowest
+    median step time wins for the rest of the run."""
+
+    def __init__(self, candidates: list[int], block: int = 4, rounds: int = 2):
+        self.candidates = list(candidates)
+        self.order = self.candidates * rounds
+        self.block = block
+        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.chosen = self.candidates[0] if len(self.candidates) == 1 else None
+        self.k, self.steps, self.t0 = 0, 0, 0.0
+        torch.set_num_threads(self.order[0])
+
+    def step_done(self) -> str | None:
+        """Call after every training step; returns a one-line report when the choice is made."""
+        if self.chosen is not None:
+            return None
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps == 1:
+            self.t0 = now
+            return None
+        if self.steps <= self.block:
+            return None
+        self.times[self.order[self.k]].append((now - self.t0) / self.block)
+        self.k, self.steps = self.k + 1, 0
+        if self.k < len(self.order):
+            torch.set_num_threads(self.order[self.k])
+            return None
+        medians = {c: statistics.median(t) for c, t in self.times.items()}
+        self.chosen = min(medians, key=medians.get)
+        torch.set_num_threads(self.chosen)
+        tried = ", ".join(f"{c}: {medians[c] * 1e3:.0f} ms" for c in self.candidates)
+        return f"threads: {self.chosen} (step time by intra-op thread count, median of {len(self.order) // len(self.candidates)} blocks: {tried})"

@@ -40,8 +40,8 @@ from engine.loop import (BadSteps, EpochSetup, EpochSums, Hooks, NonFiniteError,
 from engine.memory import check_fits
 from engine.metrics import TensorBoardLog, plot_curves, write_csv
 from engine.models import build_model, count_params
-from engine.precision import (amp_name, compile_count, configure_threads, resolve_amp, resolve_compile,
-                              resolve_device)
+from engine.precision import (ThreadTuner, amp_name, compile_count, configure_threads, resolve_amp,
+                              resolve_compile, resolve_device, thread_candidates)
 from engine.rundir import RunFolder, check_writable
 from engine.signals import StopFlag, Stopped, stop_on_signals
 from engine.step import build_engine, train_step
@@ -88,6 +88,8 @@ class Trainer:
         self.rank, self.world = distributed.init_distributed(self.device)
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.threads = configure_threads(self.device, self.local_world, cfg.workers)
+        self.thread_tuner = ThreadTuner(thread_candidates(self.device, self.local_world, cfg.workers,
+                                                          cfg.deterministic))
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -289,7 +291,8 @@ class Trainer:
                         epoch=P.epoch_global, step0=step0, start_batch=start, partial=partial if start else None,
                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                         checkpoint=lambda *a, si=si, e=epoch: self._checkpoint_mid(opt, si, e, *a),
-                        last_good=str(self.out / "last.pt"), stop=self.stop, hooks=self.hooks, show_bar=self.rank == 0)
+                        last_good=str(self.out / "last.pt"), stop=self.stop, hooks=self.hooks, show_bar=self.rank == 0,
+                        threads=self.thread_tuner)
                     train, P.global_step = train_epoch(eng, self.train_loader, setup, self.bad, P.global_step)
                     P.stage_step = step0 + n_batches
                     partial = None
@@ -423,7 +426,7 @@ class Trainer:
         summary = dict(best_val_acc=P.best_acc, best_at=P.best_at, wall_s=time.perf_counter() - t_start,
                        train_eval_s=P.elapsed, compile_s=compile_s, compiles_after_warmup=graphs_after_warmup,
                        compiles_at_end=compile_count(), images=P.images, loader=cfg.loader, run=str(self.out),
-                       amp=amp_name(self.amp), threads=self.threads, resumed=self.resume_state is not None)
+                       amp=amp_name(self.amp), threads=torch.get_num_threads(), resumed=self.resume_state is not None)
         if cfg.target_acc:
             summary["time_to_target"] = P.reached
         if self.budget_s:

@@ -6,6 +6,10 @@
 Launches: forward 1 (one read of x and of each s_k, one write, fp32 in between); backward 1,
 by recomputation (nothing but the inputs is saved; one write per gradient).
 
+Off CUDA, backend "auto" runs ``mish_sum``: the same function as plain torch ops with one
+``exp`` per element and a hand-derived backward, because aten's mish (tanh and log1p of exp)
+costs about twice as much on CPU (docs/kernels.md); "torch" stays the reference.
+
 Ops (``torch.library.custom_op`` with fake impls; same reasoning as
 ``kernels.batchnorm_silu``: one opaque node to torch.compile on CPU and CUDA, where a
 ``triton_op`` would be traced into): ``kernels::mish_chain(x, previous[]) -> y`` with autograd,
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels._common import cdiv, dense, interpreted, relayout, triton_module, want_triton
+from kernels._common import cdiv, dense, get_backend, interpreted, relayout, triton_module, want_triton
 
 _TRITON_SRC = "_triton_mish"
 
@@ -82,19 +86,62 @@ def _backward(ctx, dy):
 mish_chain.register_autograd(_backward, setup_context=_setup)
 
 
+# exp cap per dtype: fp16 overflows n(n+2) + 2 past e^5.5 (t = 1 - 3e-5 there).
+_EXP_CAP = {torch.float16: 5.5}
+
+
+class _MishSum(torch.autograd.Function):
+    """mish(x + r) with one exp: n = e^z, tanh(softplus(z)) = n(n+2) / (n(n+2) + 2), and
+    d mish / dz = t + z * sigmoid(z) * (1 - t^2) with sigmoid(z) = n / (n+1). z is capped
+    before the exp (t is 1 to the dtype's precision past the cap; n(n+2) stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: Tensor) -> Tensor:
+        z = x + r
+        n = z.clamp(max=_EXP_CAP.get(z.dtype, 20.0)).exp_()
+        t = n.add(2).mul_(n)
+        t.div_(t + 2)
+        ctx.save_for_backward(z, n, t)
+        return z * t
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        z, n, t = ctx.saved_tensors
+        grad = (1 - t * t).mul_(z).mul_(n).div_(n + 1).add_(t).mul_(dy)
+        return grad, grad
+
+
+def mish_sum(x: Tensor, r: Tensor) -> Tensor:
+    """``mish(x + r)`` in plain torch ops, one exp per element (the "auto" path off CUDA);
+    the reference when the operands broadcast."""
+    if x.shape != r.shape:
+        return reference.residual_mish(x, r)
+    return _MishSum.apply(x, r)
+
+
+def _eager(backend: Optional[str], x: Tensor) -> bool:
+    return (backend or get_backend()) == "auto" and not x.is_cuda
+
+
 def dense_residual_mish(x: Tensor, previous: Sequence[Tensor], backend: Optional[str] = None) -> Tensor:
     """The report's dense pass-through ``for s in previous: x = mish(x + s)``, fused."""
     previous = list(previous)
-    if not previous or not want_triton(backend, x):
-        return reference.dense_residual_mish(x, previous)
-    return torch.ops.kernels.mish_chain(x, previous)
+    if previous and want_triton(backend, x):
+        return torch.ops.kernels.mish_chain(x, previous)
+    if _eager(backend, x):
+        for s in previous:
+            x = mish_sum(x, s)
+        return x
+    return reference.dense_residual_mish(x, previous)
 
 
 def residual_mish(x: Tensor, r: Tensor, backend: Optional[str] = None) -> Tensor:
     """``mish(x + r)``, fused (forward and backward)."""
-    if not want_triton(backend, x):
-        return reference.residual_mish(x, r)
-    return torch.ops.kernels.mish_chain(x, [r])
+    if want_triton(backend, x):
+        return torch.ops.kernels.mish_chain(x, [r])
+    if _eager(backend, x):
+        return mish_sum(x, r)
+    return reference.residual_mish(x, r)
 
 
-__all__ = ["residual_mish", "dense_residual_mish"]
+__all__ = ["residual_mish", "dense_residual_mish", "mish_sum"]

@@ -261,11 +261,12 @@ def record_paths(monkeypatch, module, *reference_names):
     return seen
 
 
-def check_backend_switch(seen, call):
+def check_backend_switch(seen, call, off_cuda: str = "reference"):
     """The backend rules for one public function ``call(x, backend=...)`` (``seen`` from
-    ``record_paths``): "torch" runs the reference, "auto" Triton on CUDA fp32/fp16/bf16 and the
-    reference elsewhere, "triton" always Triton; None takes the default (set_backend,
-    use_backend); unknown names and float64 under "triton" are errors."""
+    ``record_paths``): "torch" runs the reference, "auto" Triton on CUDA fp32/fp16/bf16 and
+    ``off_cuda`` on other devices (the reference, or a family's eager CPU path), "triton" always
+    Triton; None takes the default (set_backend, use_backend); unknown names and float64
+    under "triton" are errors."""
     x = make((2, 3, 4, 4))
 
     def paths(x=x, **kw):
@@ -273,11 +274,12 @@ def check_backend_switch(seen, call):
         call(x, **kw)
         return set(seen)
 
-    auto = {"triton"} if DEVICE.type == "cuda" and _common.HAS_TRITON else {"reference"}
+    on_device = off_cuda if DEVICE.type != "cuda" else "reference"
+    auto = {"triton"} if DEVICE.type == "cuda" and _common.HAS_TRITON else {on_device}
     assert kernels.get_backend() == "auto"
     assert paths() == auto and paths(backend="auto") == auto
     assert paths(backend="torch") == {"reference"}
-    assert paths(x.double(), backend="auto") == {"reference"}
+    assert paths(x.double(), backend="auto") == {on_device}
     if _common.HAS_TRITON:
         assert paths(backend="triton") == {"triton"}
         with pytest.raises(TypeError, match="float64"):

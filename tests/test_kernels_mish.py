@@ -134,10 +134,43 @@ def test_opcheck():
 @pytest.mark.parametrize("dense", [False, True], ids=["residual_mish", "dense_residual_mish"])
 def test_backend_switch(monkeypatch, dense):
     seen = record_paths(monkeypatch, kmish, "residual_mish", "dense_residual_mish")
+    original = kmish.mish_sum
+    monkeypatch.setattr(kmish, "mish_sum", lambda x, r: seen.append("eager") or original(x, r))
     if dense:
-        check_backend_switch(seen, lambda x, **kw: kernels.dense_residual_mish(x, [x, x], **kw))
+        check_backend_switch(seen, lambda x, **kw: kernels.dense_residual_mish(x, [x, x], **kw), off_cuda="eager")
     else:
-        check_backend_switch(seen, lambda x, **kw: kernels.residual_mish(x, x, **kw))
+        check_backend_switch(seen, lambda x, **kw: kernels.residual_mish(x, x, **kw), off_cuda="eager")
+
+
+# ---------------------------------------------------------------------------------------
+# The eager one-exp path ("auto" off CUDA) against the reference
+
+
+def test_mish_sum_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    x, r = (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True) * 4 for _ in range(2))
+    x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
+    assert torch.autograd.gradcheck(kmish.mish_sum, (x, r))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mish_sum_matches_reference(dtype, layout):
+    """Forward and both gradients against autograd of the reference over sums in [-40, 40]
+    (past the exp cap, far negative), at the dtype's tolerance (TOL); the output keeps x's
+    layout; x = -inf+r and NaN propagate as in the reference."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    x, r = ((torch.rand(4, 6, 5, 7, generator=g) * 40 - 20).to(dtype).to(memory_format=fmt) for _ in range(2))
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    got = _mish_run(lambda a, rest: kmish.mish_sum(a, rest[0]), [x, r], dy)
+    want = _mish_run(lambda a, rest: reference.residual_mish(a.float(), rest[0].float()), [x, r], dy.float())
+    for a, b in zip(got, want):
+        close(a, b, TOL[dtype])
+    assert got[0].is_contiguous(memory_format=fmt)
+    special = torch.tensor([float("nan"), float("-inf"), float("inf"), 0.0], dtype=dtype)
+    torch.testing.assert_close(kmish.mish_sum(special, torch.zeros_like(special)),
+                               reference.residual_mish(special, torch.zeros_like(special)), equal_nan=True)
 
 
 @needs_triton
@@ -147,7 +180,7 @@ print(error(lambda: kernels.residual_mish(x, x, backend="triton")))
 with kernels.use_backend("triton"):
     print(error(lambda: kernels.dense_residual_mish(x, [x, x])))
 print(error(lambda: torch.ops.kernels.mish_chain(x, [x])))
-assert torch.equal(kernels.residual_mish(x, x, backend="auto"), torch.nn.functional.mish(x + x))
+assert torch.allclose(kernels.residual_mish(x, x, backend="auto"), torch.nn.functional.mish(x + x), rtol=1e-5, atol=1e-6)
 """, "kernels._triton_mish")
 
 
