@@ -84,7 +84,8 @@ class Engine:
 def build_engine(cfg, num_classes: int, device: torch.device, amp, *, world: int = 1,
                  use_compile: bool = False, state: dict | None = None) -> Engine:
     """The model for `cfg` on `device` (weights from `state` if given), wrapped for the step."""
-    model = build_model(cfg.model, passthrough=cfg.passthrough or None, width=cfg.width, num_classes=num_classes)
+    model = build_model(cfg.model, passthrough=cfg.passthrough or None, width=cfg.width, num_classes=num_classes,
+                        dropout=cfg.dropout)
     model.to(device, memory_format=torch.channels_last)
     if state is not None:
         model.load_state_dict(state)

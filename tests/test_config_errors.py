@@ -38,6 +38,8 @@ def run(tmp_path, capsys, *argv, data=None):
     (["--epochs", "0"], "--epochs 0: must be counts >= 0, at least one > 0"),
     (["--epochs", "-1"], "--epochs -1: must be"),
     (["--epochs", "3,0,0,0", "--stages", "finetuning1"], "no stage has an epoch to run"),
+    (["--dropout", "-0.1"], "--dropout -0.1: must be in [0, 3]"),
+    (["--dropout", "nan"], "--dropout nan: must be in [0, 3]"),
     (["--lr-scale", "nan"], "--lr-scale nan: must be a finite number > 0"),
     (["--lr-scale", "inf"], "--lr-scale inf: must be a finite number > 0"),
     (["--lr-scale", "0"], "--lr-scale 0.0: must be"),

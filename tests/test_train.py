@@ -66,6 +66,17 @@ def test_cli_overrides_reach_the_spec():
     assert "perspective" not in spec.enabled and "flip" not in spec.enabled and "rotate" in spec.enabled
 
 
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.0])
+def test_dropout_flag_scales_the_models_dropout(scale):
+    """--dropout reaches the engine's model: every dropout rate is the report's times the scale
+    (seed_best keeps only the head's 0.3 and 0.2; 0 leaves none)."""
+    from engine.step import build_engine
+    cfg, _ = config_from_args(["--preset", "seed", "--width", "0.25", "--dropout", str(scale)])
+    model = build_engine(cfg, 10, torch.device("cpu"), None).model
+    rates = [m.p for m in model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
+    assert rates == pytest.approx([0.3 * scale, 0.2 * scale])
+
+
 def test_cpu_cifar_preset_is_cpu_demo_on_the_shared_cifar_archive():
     demo, _ = config_from_args(["--preset", "cpu-demo"])
     cifar, _ = config_from_args(["--preset", "cpu-cifar"])
