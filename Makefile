@@ -25,7 +25,7 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*; touch $@
 
 train: install
-	$(PY) -m engine.train --preset cpu-demo --loader dali --budget 4m $(TRAIN_ARGS)
+	$(PY) -m engine.train --preset cpu-demo --loader dali --budget 4m30s $(TRAIN_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

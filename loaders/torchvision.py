@@ -87,12 +87,11 @@ def pil_transform(spec: AugmentSpec, train: bool) -> v2.Compose:
     return v2.Compose(_spec_ops(spec, train) + [v2.PILToTensor()] + _normalise(spec))
 
 
-def _read_pil(path: str):
-    """The decoded RGB PIL image of a file (what torchvision's ImageFolder hands its transform)."""
+def _read_pil(path):
+    """The decoded RGB PIL image of a file or file object (what torchvision's ImageFolder hands its transform)."""
     from PIL import Image
     with Image.open(path) as im:
         return im.convert("RGB")
-
 
 
 class _Files(torch.utils.data.Dataset):
@@ -230,7 +229,7 @@ class _Streams(IterableDataset):
                 except StopIteration:
                     runs.remove(r)
 
-    def _sample(self, img: torch.Tensor, sid: int, epoch: int) -> torch.Tensor:
+    def _sample(self, img, sid: int, epoch: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(derive_seed(self.seed, "sample", epoch, sid))
             return self.transform(img)
@@ -252,7 +251,7 @@ class _Streams(IterableDataset):
             good = None
             if img is not None:
                 try:
-                    good = (read_rgb(io.BytesIO(img[0])), label, sid)
+                    good = (_read_pil(io.BytesIO(img[0])), label, sid)
                 except Exception as e:  # noqa: BLE001 - any decode failure: take another sample
                     warn_member(self._path(sid), key, f"{type(e).__name__}: {e}",
                                 "the stream's next good sample is used instead")
@@ -290,7 +289,7 @@ class WdsTorchvisionLoader(StreamingLoader):
 
     def __init__(self, split: ShardSplit, spec: AugmentSpec, opts: LoaderOptions):
         self._init_stream(split, opts)
-        self.dataset = _Streams(split, reference_transform(spec, opts.train), opts.seed)
+        self.dataset = _Streams(split, pil_transform(spec, opts.train), opts.seed)
 
     def _plan(self, epoch: int, first: int):
         """(tasks, needed chunks [(stream, k, position, length)]) of a pass from batch `first`."""
