@@ -115,7 +115,7 @@ class Config:
         return plan
 
 
-# What `make train` runs: all four stages in <= 5 min on 2 CPU cores (`--budget 4m` sizes the
+# What `make train` runs: all four stages in <= 5 min on 2 CPU cores (`--budget 4m30s` sizes the
 # epochs), >= 85% on the synthetic validation split. Width and resolution shrink (the full
 # model trains at ~3 img/s on these CPUs); lrs scale x10 because ~10 epochs replace ~180.
 # Every augmentation stays on, geometry magnitudes reduced: the report warns that a small
