@@ -3,7 +3,8 @@ semantics; the Triton versions (`kernels.batchnorm_silu`, `kernels.mish`) sit be
 same names as registered `torch.library` custom ops.
 
 Backend per call (`backend=` argument) or by default (`set_backend`, `use_backend`):
-"auto" = Triton on CUDA tensors, the reference elsewhere; "triton" = always Triton (on CPU
+"auto" = Triton on CUDA tensors, elsewhere the reference (the mish sums: their one-exp eager
+form, `kernels.mish.mish_sum`); "triton" = always Triton (on CPU
 tensors only under TRITON_INTERPRET=1); "torch" = the reference. Importing this package
 does not import Triton (see `kernels._common`).
 """
