@@ -168,6 +168,10 @@ class EpochLoader(Loader):
     start batch) and `sample_indices` by the sharding rule. A subclass calls
     `_init_epochs(n, opts)` and starts its `__iter__` with `epoch, first = self._begin()`."""
 
+    # The backend's own loader over webdataset shards (a class taking (ShardSplit, spec,
+    # opts)), or None: loaders/shards.py then unpacks the shards once into files.
+    shard_loader = None
+
     def _init_epochs(self, n: int, opts: LoaderOptions) -> None:
         self.opts, self.n_samples = opts, n
         self._len = batches_per_epoch(rank_count(n, opts), opts)

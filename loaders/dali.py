@@ -664,6 +664,9 @@ class WdsDaliLoader(StreamingLoader):
         return found
 
 
+DaliLoader.shard_loader = WdsDaliLoader
+
+
 def _reader_only(reader, **kw):
     from nvidia.dali import pipeline_def
 

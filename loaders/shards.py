@@ -579,21 +579,16 @@ def build_shard_loader(name: str, split: ShardSplit, spec, opts: LoaderOptions):
         if opts.rank == 0 and opts.train:
             print(f"--loader auto: chose {name} (webdataset shards: a streaming loader, no unpacked copy)",
                   flush=True)
-    loader_class(name)                                    # unknown or not installed: ConfigError
-    if name == "torchvision":
-        from loaders.torchvision import WdsTorchvisionLoader
-        return WdsTorchvisionLoader(split, spec, opts)
-    if name == "dali":
-        from loaders.dali import WdsDaliLoader
-        return WdsDaliLoader(split, spec, opts)
+    cls = loader_class(name)                              # unknown or not installed: ConfigError
+    if getattr(cls, "shard_loader", None) is not None:    # the backend streams shards itself
+        return cls.shard_loader(split, spec, opts)
     files, ids = unpack(split)
-    return Unpacked(loader_class(name)(files, spec, opts), ids)
+    return Unpacked(cls(files, spec, opts), ids)
 
 
 def _streaming_available() -> list[str]:
     try:
-        loader_class("dali")
-        return ["dali", "torchvision"]
+        return ["dali", "torchvision"] if getattr(loader_class("dali"), "shard_loader", None) else ["torchvision"]
     except ConfigError:
         return ["torchvision"]
 

@@ -355,3 +355,6 @@ class WdsTorchvisionLoader(StreamingLoader):
                            yb.to(o.device, non_blocking=True))
         finally:
             del it
+
+
+TorchvisionLoader.shard_loader = WdsTorchvisionLoader
