@@ -191,12 +191,12 @@ def colour(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None) -> torch.Te
     return x
 
 
-def fast_colour_map(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None, unit: float = 1.0,
-                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fast_colour_map(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None,
+                    unit: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Jitter and grayscale as ONE per-sample affine colour map, A (N,3,3) and b (N,3)
     float32 with y = A @ x + b (`params.colour_affine`: no clamps between ops, hue as a
     rotation about the grey axis), for float images x (N,3,H,W) whose white is `unit` (1 or
-    255), with a per-channel `scale` (3,) (1/std) folded in (spec.colour_mode "fast").
+    255), mapping to [0, 1] units before the clamp (spec.colour_mode "fast").
     `mats`: the contrast pivot over the sequence's canvas, as in `colour`."""
     n, _, h, w = x.shape
     canvas = _pivot_canvas(spec, mats)
@@ -210,8 +210,6 @@ def fast_colour_map(x: torch.Tensor, p: Params, spec: AugmentSpec, mats=None, un
         cover = _edge_weight_(canvas[..., 0].clone(), canvas[..., 1].clone(), (h, w)).mean(dim=(1, 2))
     A, b = colour_affine(p, spec, mean_rgb, cover)
     A = A / unit
-    if scale is not None:
-        A, b = A * scale.to(A.dtype).view(1, 3, 1), b * scale.to(b.dtype)
     return A.to(torch.float32), b.to(torch.float32)
 
 
@@ -386,10 +384,10 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
                 x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
             n, _, h, w = x.shape
             unit = 255.0 if x_all.dtype == torch.uint8 else 1.0
-            A, b = fast_colour_map(x, p, spec, mats if geometric else None, unit, inv_std.view(3))
+            A, b = fast_colour_map(x, p, spec, mats if geometric else None, unit)
             x = torch.baddbmm(b[:, :, None], A, x.view(n, 3, h * w),   # either layout: GEMM
                               out=work("colour", (m0, 3, h * w))[:m]).view(n, 3, h, w)
-            x = torch.clamp(x, torch.zeros_like(inv_std), inv_std, out=x)   # [0, 1] / std
+            x = x.clamp_(0, 1).mul_(inv_std)     # scalar clamp: ~6x faster than per-channel bounds
         else:
             x = _float_source(x_all[sl], S)
             if p is not None:
