@@ -572,10 +572,11 @@ class Unpacked(Loader):
 
 
 def build_shard_loader(name: str, split: ShardSplit, spec, opts: LoaderOptions):
-    """The `name` loader over shards: torchvision and DALI stream them; resident and FFCV
+    """The `name` loader over shards: a backend with its own streaming loader
+    (`EpochLoader.shard_loader`: torchvision, DALI) streams them; the others (resident, FFCV)
     read them unpacked; auto streams with DALI when it is installed, else torchvision."""
     if name == "auto":
-        name = "dali" if "dali" in _streaming_available() else "torchvision"
+        name = "dali" if _streams_shards("dali") else "torchvision"
         if opts.rank == 0 and opts.train:
             print(f"--loader auto: chose {name} (webdataset shards: a streaming loader, no unpacked copy)",
                   flush=True)
@@ -586,11 +587,12 @@ def build_shard_loader(name: str, split: ShardSplit, spec, opts: LoaderOptions):
     return Unpacked(cls(files, spec, opts), ids)
 
 
-def _streaming_available() -> list[str]:
+def _streams_shards(name: str) -> bool:
+    """Whether the `name` backend is installed and has its own streaming loader."""
     try:
-        return ["dali", "torchvision"] if getattr(loader_class("dali"), "shard_loader", None) else ["torchvision"]
+        return getattr(loader_class(name), "shard_loader", None) is not None
     except ConfigError:
-        return ["torchvision"]
+        return False
 
 
 # ------------------------------------------------------------------------------------- CLI
