@@ -7,16 +7,19 @@ evaluation); the epochs that fit are shared among the stages in the proportions 
 preset's `--epochs` (the report's four-stage shape), pretraining getting at least one. At each
 epoch end the plan is re-made from the measured epoch times when the projected end moves by
 more than `MARGIN`; each stage's lr schedule follows its (new) length. A reserve is kept for
-the last checkpoint, the plots and the summary.
+the last checkpoint, the plots and the summary. On a VM the host may take CPU time from the
+run ("steal" in /proc/stat): the summary states it, since it explains a plan that shrank.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 
 MARGIN = 0.10            # re-plan when the projected remaining epochs move by more than this
 RESERVE_S = 3.0          # plots, last checkpoint, summary
 RESERVE_FRAC = 0.04      # and a share of the budget for timing noise
+STEAL_NOTE = 0.05        # the summary names the host's steal from this share of the CPU time
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -85,3 +88,14 @@ def replan(current: list[int], done: list[int], weights: list[int], epoch_s: flo
         excess -= take
     new = current[:active] + target
     return new if new != current else None
+
+
+def host_steal_seconds(stat_path: str = "/proc/stat") -> float | None:
+    """CPU seconds the hypervisor has taken from this machine since boot (all CPUs summed), from
+    the steal column of /proc/stat's `cpu` line; None where there is none (not Linux, no VM)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" else None
+    except (OSError, IndexError, ValueError):
+        return None

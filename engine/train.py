@@ -67,6 +67,7 @@ class Trainer:
     def __init__(self, cfg: Config, hooks: Hooks | None = None):
         self.cfg, self.hooks, self.stop = cfg, hooks or Hooks(), StopFlag()
         self.t_created = time.perf_counter()                 # the --budget clock starts here
+        self.steal_at_start = budget.host_steal_seconds()
         self.budget_s = budget.parse_duration(cfg.budget) if cfg.budget else 0.0
         launched = distributed.launched_world()
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if launched > 1 else None)
@@ -429,6 +430,12 @@ class Trainer:
                        amp=amp_name(self.amp), threads=torch.get_num_threads(), resumed=self.resume_state is not None)
         if cfg.target_acc:
             summary["time_to_target"] = P.reached
+        steal = budget.host_steal_seconds()
+        if steal is not None and self.steal_at_start is not None:
+            # the share of this machine's CPU time (all cores) the host took during this process
+            cpu_s = (time.perf_counter() - self.t_created) * (os.cpu_count() or 1)
+            summary.update(host_steal_s=steal - self.steal_at_start,
+                           host_steal_frac=(steal - self.steal_at_start) / max(cpu_s, 1e-9))
         if self.budget_s:
             used = P.budget_spent + time.perf_counter() - self.t_created
             summary.update(budget_s=self.budget_s, budget_used_s=used, plan=P.plan)
@@ -445,6 +452,9 @@ class Trainer:
             wall = "this process" if self.resume_state is not None else "wall"
             spent = (f" | budget {cfg.budget}: used {summary['budget_used_s']:.0f} s "
                      f"({summary['budget_used_s'] / self.budget_s:.0%})" if self.budget_s else "")
+            if summary.get("host_steal_frac", 0) >= budget.STEAL_NOTE:
+                spent += (f" | the VM's host took {summary['host_steal_frac']:.0%} of the CPU time "
+                          f"(steal {summary['host_steal_s']:.0f} s): this machine ran slower than it can")
             print(f"best val acc {P.best_acc:.4f} ({P.best_at}) | train+eval {P.elapsed:.1f} s "
                   f"({wall} {summary['wall_s']:.1f} s{compiled}){target}{spent} | "
                   f"{self.params:,} params | run {self.out}", flush=True)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.budget import parse_duration, plan, replan, share
+from engine.budget import host_steal_seconds, parse_duration, plan, replan, share
 from tests.hooked_train import main
 from tests.test_train import make_tiny_folder
 
@@ -40,6 +40,17 @@ def test_replan_only_beyond_the_margin():
     assert replan([20, 3, 1, 1], [20, 0, 0, 0], [14, 2, 1, 1], 10.0, 35.0) == [20, 1, 1, 1]   # stage 0 done
 
 
+def test_host_steal_is_read_from_proc_stat(tmp_path):
+    import os
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  100 0 50 900 3 0 1 {25 * hz} 0 0\ncpu0 50 0 25 450 1 0 0 {12 * hz} 0 0\n")
+    assert host_steal_seconds(str(stat)) == 25.0                    # the 8th value of the `cpu` line
+    stat.write_text("intr 1 2 3\n")
+    assert host_steal_seconds(str(stat)) is None                    # no `cpu` line
+    assert host_steal_seconds(str(tmp_path / "missing")) is None    # not Linux
+
+
 def test_a_run_with_a_small_budget_ends_inside_it(tmp_path, capsys):
     data = make_tiny_folder(tmp_path / "data")
     budget = 25.0
@@ -53,5 +64,7 @@ def test_a_run_with_a_small_budget_ends_inside_it(tmp_path, capsys):
     assert "budget 25s: a step takes" in out and "plan pretraining" in out
     assert wall <= budget and summary["budget_used_s"] <= budget, (wall, summary)
     assert summary["budget_used_s"] >= 0.5 * budget, summary        # the budget was used, not left idle
+    if host_steal_seconds() is not None:                            # Linux: the host's share is stated
+        assert 0 <= summary["host_steal_frac"] <= 1 and summary["host_steal_s"] >= 0, summary
     p = summary["plan"]
     assert p[0] > p[1] >= 1, p                                      # the report's shape, all stages run
