@@ -11,8 +11,8 @@ composed matrix, the zero fill a separate coverage mask; content one step crops 
 later one brings back is kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
 `spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
 1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
-(each sample's op order, clamps, HSV hue). CPU: chunks of 16 images, single-threaded
-worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
+(each sample's op order, clamps, HSV hue). CPU: chunks of ~0.5M output pixels (32 images at
+128), single-threaded worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
 fast). Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from loaders.params import Params, center_crop_box, colour_affine, const, draw_params, stage_matrices
 from loaders.spec import LUMA, AugmentSpec
 
-_CPU_CHUNK = 16                  # images warped at a time on CPU
+# CPU: output pixels augmented at a time per thread (32 images at 128, up to 512 at 32): a
+# chunk pays a few hundred small ops, so small images want many per chunk (docs/loaders.md).
+_CPU_CHUNK_PIXELS = 32 * 128 * 128
+_POOL_MIN_IMAGES = 64            # smaller batches run on the calling thread
 _PIVOT_GRID = 32                 # points per side sampling the canvas for the contrast pivot
 
 
@@ -315,11 +318,11 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
     out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
     job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping)
-    pool = _cpu_pool() if dev.type == "cpu" and n >= 4 * _CPU_CHUNK else None
+    pool = _cpu_pool() if dev.type == "cpu" and n >= _POOL_MIN_IMAGES else None
     if pool is None:
         job(0, n)
-    else:                    # one contiguous range per thread, aligned to the warp chunks
-        per = -(-n // (pool.k * _CPU_CHUNK)) * _CPU_CHUNK
+    else:                    # one contiguous range per thread
+        per = -(-n // pool.k)
         pool.run([functools.partial(job, i, min(n, i + per)) for i in range(0, n, per)])
     return out
 
@@ -354,9 +357,10 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     out_all[lo:hi]: colour on the source planes (with 1/std), one warp, then the fill mask
     and -mean/std in one addcmul and the channels_last layout in one copy.
 
-    CPU: chunks of a few images through reused buffers keep every temporary in cache and
-    avoid page-faulting fresh memory each batch (about 2x faster than one pass over the
-    batch). CUDA: the whole range at once, buffers from the caching allocator."""
+    CPU: chunks of `_CPU_CHUNK_PIXELS` output pixels through reused buffers avoid
+    page-faulting fresh memory each batch (about 2x faster than one pass over the batch)
+    and amortise each op's overhead. CUDA: the whole range at once, buffers from the
+    caching allocator."""
     S, dev, cpu = spec.size, x_all.device, x_all.device.type == "cpu"
     mean = const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
     inv_std = const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
@@ -365,7 +369,7 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
                                 ("perspective", spec.perspective)) if on and emulate_clipping
               and geometric]
-    step = _CPU_CHUNK if cpu else hi - lo
+    step = max(1, _CPU_CHUNK_PIXELS // (S * S)) if cpu else hi - lo
     m0 = min(hi - lo, step)
 
     def work(name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
