@@ -17,6 +17,7 @@ import os
 import re
 
 MARGIN = 0.10            # re-plan when the projected remaining epochs move by more than this
+OVERRUN_EPOCHS = 0.1     # a plan that overruns by less than this share of an epoch is kept
 RESERVE_S = 3.0          # plots, last checkpoint, summary
 RESERVE_FRAC = 0.04      # and a share of the budget for timing noise
 STEAL_NOTE = 0.05        # the summary names the host's steal from this share of the CPU time
@@ -72,7 +73,10 @@ def replan(current: list[int], done: list[int], weights: list[int], epoch_s: flo
     epochs it has done."""
     planned_left = sum(c - d for c, d in zip(current, done))
     fit = max(int(remaining_s // max(epoch_s, 1e-9)), 0)
-    if fit * (1 - MARGIN) <= planned_left <= fit:
+    # Kept: a plan within the margin, or one that overruns by timing noise only (the reserve
+    # absorbs it). Without that tolerance, with the time left near a whole number of epochs,
+    # each check's noise grew or shrank the plan by one (8 <-> 9 epochs in a make train run).
+    if fit * (1 - MARGIN) <= planned_left <= remaining_s / max(epoch_s, 1e-9) + OVERRUN_EPOCHS:
         return None
     active = next((i for i, (c, d) in enumerate(zip(current, done)) if d < c), len(current))
     if active == len(current):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.budget import host_steal_seconds, parse_duration, plan, replan, share
+from engine.budget import OVERRUN_EPOCHS, host_steal_seconds, parse_duration, plan, replan, share
 from tests.hooked_train import main
 from tests.test_train import make_tiny_folder
 
@@ -38,6 +38,40 @@ def test_replan_only_beyond_the_margin():
     assert replan([2, 0, 0, 0], [1, 0, 0, 0], [14, 2, 1, 1], 27.0, 80.0) == [3, 0, 0, 0]    # a slow probe corrected
     assert replan(cur, [14, 1, 0, 0], [14, 2, 1, 1], epoch_s=10.0, remaining_s=5.0) == [14, 1, 0, 0]  # stop
     assert replan([20, 3, 1, 1], [20, 0, 0, 0], [14, 2, 1, 1], 10.0, 35.0) == [20, 1, 1, 1]   # stage 0 done
+
+
+def _replay(weights, current, checks):
+    """Re-plans a run through `checks` [(mean epoch seconds, seconds left), ...] at its epoch
+    ends; returns the planned totals in order and the last plan."""
+    done, totals = [0] * len(current), [sum(current)]
+    for epoch_s, remaining in checks:
+        if sum(done) == sum(current):
+            break
+        done[next(j for j, (c, d) in enumerate(zip(current, done)) if d < c)] += 1
+        new = replan(current, done, weights, epoch_s, remaining)
+        if new is not None:
+            current = new
+            totals.append(sum(current))
+    return totals, current
+
+
+def test_replan_does_not_flip_between_two_plans():
+    weights = [14, 2, 1, 1]
+    # A make train run's checks (AMD VM): the time left sat at ~9.06, 8.0 and 7.04 epochs.
+    recorded = [(21.9, 232.4), (21.0, 212.2), (21.0, 190.3), (21.1, 168.7), (21.0, 147.8), (21.0, 126.5),
+                (21.0, 105.3), (21.0, 84.2), (21.0, 63.1), (21.0, 42.0), (21.0, 21.0), (21.0, 0.0)]
+    totals, last = _replay(weights, [7, 1, 1, 0], recorded)
+    assert totals == [9, 10, 11, 12] and last == [9, 1, 1, 1], totals          # grows, never back
+    # Epochs of 21 s +- 0.6 s from budgets around it: one direction, and never more than the
+    # tolerance past the budget (the reserve holds that).
+    noise = [0.6, -0.2, 0.4, -0.6, 0.5, 0.1, -0.5, 0.3, -0.4, 0.6, -0.6, 0.2]
+    for start in [240.0 + 1.3 * k for k in range(16)]:
+        left = [start - sum(21.0 + noise[j % 12] for j in range(i + 1)) for i in range(30)]
+        totals, last = _replay(weights, plan(weights, 23.1, start), [(21.0, r) for r in left])
+        moves = [b - a for a, b in zip(totals, totals[1:])]
+        assert all(d > 0 for d in moves) or all(d < 0 for d in moves), (start, totals)
+        end = start - sum(21.0 + noise[j % 12] for j in range(sum(last)))
+        assert end >= -(OVERRUN_EPOCHS * 21.0 + 0.6) and sum(last) >= 10, (start, end, last)
 
 
 def test_host_steal_is_read_from_proc_stat(tmp_path):
