@@ -96,7 +96,8 @@ def replan(current: list[int], done: list[int], weights: list[int], epoch_s: flo
 
 def host_steal_seconds(stat_path: str = "/proc/stat") -> float | None:
     """CPU seconds the hypervisor has taken from this machine since boot (all CPUs summed), from
-    the steal column of /proc/stat's `cpu` line; None where there is none (not Linux, no VM)."""
+    the steal column of /proc/stat's `cpu` line: 0 without a hypervisor, None where
+    /proc/stat or its steal column is missing (not Linux)."""
     try:
         with open(stat_path) as f:
             fields = f.readline().split()

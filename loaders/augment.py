@@ -11,8 +11,8 @@ composed matrix, the zero fill a separate coverage mask; content one step crops 
 later one brings back is kept (`emulate_clipping=True` reproduces the sequence's black). Colour runs on the source before the upscaling warp, per
 `spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
 1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
-(each sample's op order, clamps, HSV hue). CPU: chunks of ~0.5M output pixels (32 images at
-128), single-threaded worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
+(each sample's op order, clamps, HSV hue). CPU: chunks of ~0.5M pixels (32 images at 128),
+single-threaded worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
 fast). Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from loaders.params import Params, center_crop_box, colour_affine, const, draw_params, stage_matrices
 from loaders.spec import LUMA, AugmentSpec
 
-# CPU: output pixels augmented at a time per thread (32 images at 128, up to 512 at 32): a
-# chunk pays a few hundred small ops, so small images want many per chunk (docs/loaders.md).
+# CPU: pixels augmented at a time per thread (the larger of the source and the output image;
+# 32 images at 128, 512 at 32): a chunk pays a few hundred small ops, so small images want
+# many per chunk (docs/loaders.md, "CPU threading").
 _CPU_CHUNK_PIXELS = 32 * 128 * 128
 _POOL_MIN_IMAGES = 64            # smaller batches run on the calling thread
+_MIN_RANGE = 16                  # images per thread at least, however many threads
 _PIVOT_GRID = 32                 # points per side sampling the canvas for the contrast pivot
 
 
@@ -101,12 +103,14 @@ class _Workspace(threading.local):
         self.bufs: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
-        """The buffer `name` of `shape` (with `like`'s strides when given)."""
+        """The buffer `name` of `shape` (with `like`'s strides when given): the first `shape[0]`
+        rows of a kept buffer at least that long (ranges of different lengths share it)."""
         t = self.bufs.get(name)
-        if t is None or t.shape != shape or (like is not None and t.stride() != like.stride()):
+        if (t is None or t.shape[1:] != shape[1:] or t.shape[0] < shape[0]
+                or (like is not None and t.stride() != like.stride())):
             t = torch.empty(shape) if like is None else torch.empty_like(like, dtype=torch.float32)
             self.bufs[name] = t
-        return t
+        return t[:shape[0]]
 
 
 _WORK = _Workspace()
@@ -321,10 +325,17 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     pool = _cpu_pool() if dev.type == "cpu" and n >= _POOL_MIN_IMAGES else None
     if pool is None:
         job(0, n)
-    else:                    # one contiguous range per thread
-        per = -(-n // pool.k)
+    else:                    # one contiguous range per thread, in whole chunks
+        chunk = _cpu_chunk(S, x.shape[-2:])
+        per = max(-(-n // pool.k), min(chunk, _MIN_RANGE))
+        per = -(-per // chunk) * chunk if chunk < per else per
         pool.run([functools.partial(job, i, min(n, i + per)) for i in range(0, n, per)])
     return out
+
+
+def _cpu_chunk(S: int, src_hw) -> int:
+    """Images per CPU chunk for output size S from sources of (h, w)."""
+    return max(1, _CPU_CHUNK_PIXELS // max(S * S, int(src_hw[0]) * int(src_hw[1])))
 
 
 def _resize_only(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype,
@@ -357,9 +368,9 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     out_all[lo:hi]: colour on the source planes (with 1/std), one warp, then the fill mask
     and -mean/std in one addcmul and the channels_last layout in one copy.
 
-    CPU: chunks of `_CPU_CHUNK_PIXELS` output pixels through reused buffers avoid
-    page-faulting fresh memory each batch (about 2x faster than one pass over the batch)
-    and amortise each op's overhead. CUDA: the whole range at once, buffers from the
+    CPU: chunks of `_CPU_CHUNK_PIXELS` pixels through reused buffers avoid page-faulting
+    fresh memory each batch (about 2x faster than one pass over the batch, measured with
+    16-image chunks) and amortise each op's overhead. CUDA: the whole range at once, buffers from the
     caching allocator."""
     S, dev, cpu = spec.size, x_all.device, x_all.device.type == "cpu"
     mean = const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
@@ -369,7 +380,7 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
                                 ("perspective", spec.perspective)) if on and emulate_clipping
               and geometric]
-    step = max(1, _CPU_CHUNK_PIXELS // (S * S)) if cpu else hi - lo
+    step = _cpu_chunk(S, x_all.shape[-2:]) if cpu else hi - lo
     m0 = min(hi - lo, step)
 
     def work(name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -75,7 +76,6 @@ def test_replan_does_not_flip_between_two_plans():
 
 
 def test_host_steal_is_read_from_proc_stat(tmp_path):
-    import os
     hz = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     stat.write_text(f"cpu  100 0 50 900 3 0 1 {25 * hz} 0 0\ncpu0 50 0 25 450 1 0 0 {12 * hz} 0 0\n")
