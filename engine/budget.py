@@ -72,11 +72,12 @@ def replan(current: list[int], done: list[int], weights: list[int], epoch_s: flo
     are shared anew in the preset's proportions, the stage in progress keeping at least the
     epochs it has done."""
     planned_left = sum(c - d for c, d in zip(current, done))
-    fit = max(int(remaining_s // max(epoch_s, 1e-9)), 0)
+    epochs_left = remaining_s / max(epoch_s, 1e-9)
+    fit = max(int(epochs_left), 0)
     # Kept: a plan within the margin, or one that overruns by timing noise only (the reserve
     # absorbs it). Without that tolerance, with the time left near a whole number of epochs,
     # each check's noise grew or shrank the plan by one (8 <-> 9 epochs in a make train run).
-    if fit * (1 - MARGIN) <= planned_left <= remaining_s / max(epoch_s, 1e-9) + OVERRUN_EPOCHS:
+    if fit * (1 - MARGIN) <= planned_left <= epochs_left + OVERRUN_EPOCHS:
         return None
     active = next((i for i, (c, d) in enumerate(zip(current, done)) if d < c), len(current))
     if active == len(current):

@@ -12,8 +12,8 @@ later one brings back is kept (`emulate_clipping=True` reproduces the sequence's
 `spec.colour_mode`: "fast" (default) is one per-sample 3x3 matrix + offset with 1/255 and
 1/std folded in, one batched matmul, clamped once; "exact" is torchvision's ops one by one
 (each sample's op order, clamps, HSV hue). CPU: chunks of ~0.5M pixels (32 images at 128),
-single-threaded worker threads. `python -m loaders.augment` prints augmentation-only images/s (exact vs
-fast). Rationale and measurements: docs/loaders.md.
+single-threaded worker threads. `python -m loaders.augment` prints augmentation-only
+images/s (exact vs fast). Rationale and measurements: docs/loaders.md.
 """
 from __future__ import annotations
 
@@ -321,14 +321,16 @@ def apply(images: torch.Tensor, spec: AugmentSpec, p: Params | None,
     if not geometric and small and x.shape[-2:] != (S, S):  # resize: identity, normalised coords
         mats = {"crop": torch.eye(3, device=dev).expand(n, 3, 3)}
     out = torch.empty((n, 3, S, S), dtype=dtype, device=dev, memory_format=torch.channels_last)
-    job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping)
-    pool = _cpu_pool() if dev.type == "cpu" and n >= _POOL_MIN_IMAGES else None
+    cpu = dev.type == "cpu"
+    chunk = _cpu_chunk(S, x.shape[-2:]) if cpu else n
+    job = functools.partial(_apply_range, x, spec, p, mats, out, geometric, emulate_clipping, chunk)
+    pool = _cpu_pool() if cpu and n >= _POOL_MIN_IMAGES else None
     if pool is None:
         job(0, n)
     else:                    # one contiguous range per thread, in whole chunks
-        chunk = _cpu_chunk(S, x.shape[-2:])
         per = max(-(-n // pool.k), min(chunk, _MIN_RANGE))
-        per = -(-per // chunk) * chunk if chunk < per else per
+        if per > chunk:
+            per = -(-per // chunk) * chunk
         pool.run([functools.partial(job, i, min(n, i + per)) for i in range(0, n, per)])
     return out
 
@@ -363,15 +365,15 @@ def _resize_only(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype,
 
 
 def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_all,
-                 geometric: bool, emulate_clipping: bool, lo: int, hi: int) -> None:
+                 geometric: bool, emulate_clipping: bool, chunk: int, lo: int, hi: int) -> None:
     """Colour, warp and normalise images lo..hi of the batch (an `_nchw` view) into
     out_all[lo:hi]: colour on the source planes (with 1/std), one warp, then the fill mask
     and -mean/std in one addcmul and the channels_last layout in one copy.
 
-    CPU: chunks of `_CPU_CHUNK_PIXELS` pixels through reused buffers avoid page-faulting
+    CPU: `chunk` images at a time (`_cpu_chunk`) through reused buffers avoid page-faulting
     fresh memory each batch (about 2x faster than one pass over the batch, measured with
-    16-image chunks) and amortise each op's overhead. CUDA: the whole range at once, buffers from the
-    caching allocator."""
+    16-image chunks) and amortise each op's overhead. CUDA: the whole range at once
+    (`chunk` = the batch), buffers from the caching allocator."""
     S, dev, cpu = spec.size, x_all.device, x_all.device.type == "cpu"
     mean = const(spec.mean, torch.float32, dev).view(1, 3, 1, 1)
     inv_std = const(tuple(1 / s for s in spec.std), torch.float32, dev).view(1, 3, 1, 1)
@@ -380,8 +382,7 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
     stages = [st for st, on in (("rotate", spec.rotate), ("translate", spec.translate),
                                 ("perspective", spec.perspective)) if on and emulate_clipping
               and geometric]
-    step = _cpu_chunk(S, x_all.shape[-2:]) if cpu else hi - lo
-    m0 = min(hi - lo, step)
+    m0 = min(hi - lo, chunk)
 
     def work(name: str, shape: tuple, like: torch.Tensor | None = None) -> torch.Tensor:
         if cpu:
@@ -389,8 +390,8 @@ def _apply_range(x_all, spec: AugmentSpec, p_all: Params | None, mats_all, out_a
         return torch.empty(shape, device=dev) if like is None else torch.empty_like(like, dtype=torch.float32)
     planes, grid = work("planes", (5, m0, S, S)), work("grid", (m0, S, S, 2))
     proj = spec.perspective and geometric
-    for i in range(lo, hi, step):
-        sl, m = slice(i, min(hi, i + step)), min(hi, i + step) - i
+    for i in range(lo, hi, chunk):
+        sl, m = slice(i, min(hi, i + chunk)), min(hi, i + chunk) - i
         p = None if p_all is None else p_all[sl]
         mats = None if mats_all is None else {k: v[sl] for k, v in mats_all.items()}
         if fast:     # one matmul: colour, 1/255 and 1/std; it also writes NCHW planes
